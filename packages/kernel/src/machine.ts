@@ -1,0 +1,2 @@
+// Machine lands here (lifecycle, vCPU workers). See packages/kernel/README.md.
+export {};

@@ -1,0 +1,166 @@
+import { KvmkitError } from './errors.js';
+
+/** One contiguous range of guest RAM backed by host memory. */
+export interface MemoryRegion {
+  /** Guest physical address of the first byte. */
+  gpa: bigint;
+  /** Size in bytes (a multiple of 4096). */
+  size: number;
+  /** Host view of the whole region. */
+  bytes: Uint8Array;
+  /** Host virtual address of `bytes[0]` (0n when the region is not mmap'd, e.g. in unit tests). */
+  hva: bigint;
+  /** KVM memory slot number (-1 when not registered). */
+  slot: number;
+  /** Free-form tag (e.g. 'ram', 'ram-high'). */
+  name: string;
+}
+
+const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER);
+
+/**
+ * Guest physical memory. Every guest-supplied address goes through `range()`/`read*`/`write*`, which throw
+ * KVMKIT_ERR_MEMORY_OUT_OF_BOUNDS instead of touching host memory outside guest RAM. A range must lie
+ * inside one region (regions are not assumed contiguous).
+ */
+export class GuestMemory {
+  readonly regions: readonly MemoryRegion[];
+  private closed = false;
+  private views: DataView[];
+
+  constructor(regions: MemoryRegion[]) {
+    const sorted = [...regions].sort((a, b) => (a.gpa < b.gpa ? -1 : a.gpa > b.gpa ? 1 : 0));
+    for (let i = 0; i < sorted.length; i++) {
+      const r = sorted[i]!;
+      if (r.size <= 0 || r.bytes.byteLength !== r.size) {
+        throw new KvmkitError('KVMKIT_ERR_MEMORY_LAYOUT', `region ${r.name} has size ${r.size} but a ${r.bytes.byteLength}-byte view`);
+      }
+      if (i > 0) {
+        const p = sorted[i - 1]!;
+        if (p.gpa + BigInt(p.size) > r.gpa) {
+          throw new KvmkitError('KVMKIT_ERR_MEMORY_LAYOUT', `regions ${p.name} and ${r.name} overlap`);
+        }
+      }
+    }
+    this.regions = Object.freeze(sorted);
+    this.views = sorted.map((r) => new DataView(r.bytes.buffer, r.bytes.byteOffset, r.bytes.byteLength));
+  }
+
+  /** Convenience for tests and tools: one region of `size` bytes at GPA 0 over a fresh ArrayBuffer. */
+  static anonymous(size: number, gpa = 0n, shared = false): GuestMemory {
+    const buf = shared ? new SharedArrayBuffer(size) : new ArrayBuffer(size);
+    return new GuestMemory([{ gpa, size, bytes: new Uint8Array(buf), hva: 0n, slot: -1, name: 'ram' }]);
+  }
+
+  /** Total bytes of guest RAM. */
+  get size(): number {
+    return this.regions.reduce((a, r) => a + r.size, 0);
+  }
+
+  /** End (exclusive) of the highest region. */
+  get end(): bigint {
+    const last = this.regions[this.regions.length - 1];
+    return last ? last.gpa + BigInt(last.size) : 0n;
+  }
+
+  /** Marks the memory released: every later access throws KVMKIT_ERR_MEMORY_CLOSED. */
+  close(): void {
+    this.closed = true;
+    this.views = [];
+  }
+
+  get isClosed(): boolean {
+    return this.closed;
+  }
+
+  private locate(gpa: bigint | number, len: number): { i: number; off: number } {
+    if (this.closed) throw new KvmkitError('KVMKIT_ERR_MEMORY_CLOSED', 'guest memory was released');
+    const g = typeof gpa === 'bigint' ? gpa : BigInt(gpa);
+    if (!(len >= 0) || !Number.isInteger(len) || g < 0n) {
+      throw oob(g, len);
+    }
+    const regions = this.regions;
+    for (let i = 0; i < regions.length; i++) {
+      const r = regions[i]!;
+      if (g >= r.gpa && g - r.gpa + BigInt(len) <= BigInt(r.size)) {
+        return { i, off: Number(g - r.gpa) };
+      }
+    }
+    throw oob(g, len);
+  }
+
+  /** True when [gpa, gpa+len) lies inside one region. Never throws for bad numbers. */
+  contains(gpa: bigint | number, len: number): boolean {
+    if (this.closed) return false;
+    try {
+      this.locate(gpa, len);
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  /** A view of [gpa, gpa+len) that aliases guest memory. Throws when out of bounds. */
+  range(gpa: bigint | number, len: number): Uint8Array {
+    const { i, off } = this.locate(gpa, len);
+    const b = this.regions[i]!.bytes;
+    return b.subarray(off, off + len);
+  }
+
+  read(gpa: bigint | number, len: number): Uint8Array {
+    return this.range(gpa, len).slice();
+  }
+
+  write(gpa: bigint | number, data: Uint8Array): void {
+    this.range(gpa, data.byteLength).set(data);
+  }
+
+  fill(gpa: bigint | number, len: number, value = 0): void {
+    this.range(gpa, len).fill(value);
+  }
+
+  private dv(gpa: bigint | number, len: number): { v: DataView; off: number } {
+    const { i, off } = this.locate(gpa, len);
+    return { v: this.views[i]!, off };
+  }
+
+  readU8(gpa: bigint | number): number {
+    const { v, off } = this.dv(gpa, 1);
+    return v.getUint8(off);
+  }
+  readU16(gpa: bigint | number): number {
+    const { v, off } = this.dv(gpa, 2);
+    return v.getUint16(off, true);
+  }
+  readU32(gpa: bigint | number): number {
+    const { v, off } = this.dv(gpa, 4);
+    return v.getUint32(off, true);
+  }
+  readU64(gpa: bigint | number): bigint {
+    const { v, off } = this.dv(gpa, 8);
+    return v.getBigUint64(off, true);
+  }
+  writeU8(gpa: bigint | number, x: number): void {
+    const { v, off } = this.dv(gpa, 1);
+    v.setUint8(off, x);
+  }
+  writeU16(gpa: bigint | number, x: number): void {
+    const { v, off } = this.dv(gpa, 2);
+    v.setUint16(off, x, true);
+  }
+  writeU32(gpa: bigint | number, x: number): void {
+    const { v, off } = this.dv(gpa, 4);
+    v.setUint32(off, x >>> 0, true);
+  }
+  writeU64(gpa: bigint | number, x: bigint): void {
+    const { v, off } = this.dv(gpa, 8);
+    v.setBigUint64(off, BigInt.asUintN(64, x), true);
+  }
+}
+
+function oob(gpa: bigint, len: number): KvmkitError {
+  const g = gpa <= MAX_SAFE && gpa >= 0n ? `0x${gpa.toString(16)}` : String(gpa);
+  return new KvmkitError('KVMKIT_ERR_MEMORY_OUT_OF_BOUNDS', `guest range ${g}+${len} is outside guest RAM`, {
+    details: { gpa: g, len },
+  });
+}

@@ -1,0 +1,2 @@
+export * from './guest-kernel.js';
+export * from './probe.js';
