@@ -176,3 +176,89 @@ export function ftruncate(fd: number, len: number): void {
 export function bufferAddress(b: Buffer | Uint8Array): bigint {
   return BigInt(koffi.address(b as unknown as Buffer) as unknown as bigint);
 }
+
+// ---- fdwatch (uv_poll) ----
+// Node exports its libuv; `koffi.load(null)` resolves symbols in the running process. Two shared trampolines
+// (one poll callback, one close callback) dispatch by handle address, so watching N fds costs no koffi
+// callback slot per fd and no trampoline is ever unregistered from inside itself. Used only by ../fdwatch.ts
+// and only on the main thread (uv_default_loop() is the main thread's loop).
+const uvlib = koffi.load(null);
+const c_uv_default_loop = uvlib.func('void *uv_default_loop()');
+const c_uv_handle_size = uvlib.func('size_t uv_handle_size(int type)');
+const UvPollCb = koffi.proto('void', ['void *', 'int', 'int']);
+const UvCloseCb = koffi.proto('void', ['void *']);
+// SAFETY: `handle` is a uv_poll_t we allocated with koffi.alloc; libuv keeps it until its close callback ran.
+const c_uv_poll_init = uvlib.func('uv_poll_init', 'int', ['void *', 'void *', 'int']);
+const c_uv_poll_start = uvlib.func('uv_poll_start', 'int', ['void *', 'int', koffi.pointer(UvPollCb)]);
+const c_uv_poll_stop = uvlib.func('int uv_poll_stop(void *handle)');
+const c_uv_close = uvlib.func('uv_close', 'void', ['void *', koffi.pointer(UvCloseCb)]);
+const c_uv_ref = uvlib.func('void uv_ref(void *handle)');
+const c_uv_unref = uvlib.func('void uv_unref(void *handle)');
+const c_uv_strerror = uvlib.func('const char *uv_strerror(int err)');
+
+export const UV_POLL_HANDLE = 8;
+export const UV_READABLE = 1;
+export const UV_WRITABLE = 2;
+
+let uvPollDispatch: ((handle: bigint, status: number, events: number) => void) | undefined;
+let uvCloseDispatch: ((handle: bigint) => void) | undefined;
+let uvPollTrampoline: bigint | undefined;
+let uvCloseTrampoline: bigint | undefined;
+let uvPollSize = 0;
+
+function uvTrampolines(): { poll: bigint; close: bigint } {
+  if (uvPollTrampoline === undefined || uvCloseTrampoline === undefined) {
+    // SAFETY: both trampolines live for the life of the process (never unregistered); they only call into
+    // the dispatch functions installed by fdwatch.ts, on the thread that runs the default loop.
+    uvPollTrampoline = koffi.register((h: unknown, status: number, events: number) => uvPollDispatch?.(BigInt(h as bigint), status, events), koffi.pointer(UvPollCb));
+    uvCloseTrampoline = koffi.register((h: unknown) => uvCloseDispatch?.(BigInt(h as bigint)), koffi.pointer(UvCloseCb));
+  }
+  return { poll: uvPollTrampoline, close: uvCloseTrampoline };
+}
+
+/** Installs the (single) JS dispatchers for poll events and close completions. */
+export function uvSetDispatch(onPoll: (handle: bigint, status: number, events: number) => void, onClose: (handle: bigint) => void): void {
+  uvPollDispatch = onPoll;
+  uvCloseDispatch = onClose;
+}
+
+/** Allocates and initialises a uv_poll_t for `fd` on the default loop; returns its address or -errno-like uv error. */
+export function uvPollOpen(fd: number): { handle: bigint } | { error: number } {
+  if (uvPollSize === 0) uvPollSize = Number(c_uv_handle_size(UV_POLL_HANDLE));
+  // SAFETY: zeroed native memory owned by us until uvPollFree() (called from the close callback).
+  const mem = koffi.alloc('uint8_t', uvPollSize) as unknown;
+  const handle = BigInt(mem as bigint);
+  const r = c_uv_poll_init(c_uv_default_loop(), handle, fd) as number;
+  if (r < 0) {
+    koffi.free(handle);
+    return { error: r };
+  }
+  return { handle };
+}
+
+export function uvPollStart(handle: bigint, events: number): number {
+  return c_uv_poll_start(handle, events, uvTrampolines().poll) as number;
+}
+
+export function uvPollStop(handle: bigint): number {
+  return c_uv_poll_stop(handle) as number;
+}
+
+/** uv_close; the close dispatcher is called later from the loop, after which the memory may be freed. */
+export function uvCloseHandle(handle: bigint): void {
+  c_uv_close(handle, uvTrampolines().close);
+}
+
+export function uvPollFree(handle: bigint): void {
+  // SAFETY: only after libuv ran the close callback for this handle.
+  koffi.free(handle);
+}
+
+export function uvRef(handle: bigint, ref: boolean): void {
+  if (ref) c_uv_ref(handle);
+  else c_uv_unref(handle);
+}
+
+export function uvStrerror(err: number): string {
+  return String(c_uv_strerror(err));
+}
