@@ -1,8 +1,8 @@
 /*
  * Probe guest: a tiny long-mode program for kvmkit tests and benchmarks.
  *
- * Cmdline: probe.test=<hello|pio|mmio|smp|timer|exit> [probe.iters=N] [probe.status=N]
- *          [probe.ms=N] [probe.period=N]
+ * Cmdline: probe.test=<hello|pio|mmio|smp|timer|exit> [probe.iters=N] [probe.ring=0|3]
+ *          [probe.status=N] [probe.ms=N] [probe.period=N]
  * Output (16550 UART at 0x3f8): "PROBE <test> key=value ..." lines, then
  * "PROBE DONE status=N", then `out 0xf4` with N (0 = pass). An unexpected exception
  * prints "PROBE FAULT ..." and exits with 0x7f.
@@ -140,7 +140,10 @@ static int streq(const char *a, const char *b) { while (*a && *a == *b) { a++; b
 /* ---- CPU setup: IDT, TSS ---- */
 struct idt_entry { u16 off0, sel; u8 ist, type; u16 off1; u32 off2, zero; };
 extern struct idt_entry idt[256];
-static u8 tss[104] __attribute__((aligned(16)));
+/* 64-bit TSS + an all-zero I/O permission bitmap (every port allowed) + 0xff terminator.
+ * This host ignores IOPL in guest ring 3 but honours the bitmap, so ring-3 in/out works. */
+#define TSS_SIZE (104 + 8192 + 1)
+static u8 tss[TSS_SIZE] __attribute__((aligned(16)));
 static u8 trap_stack[8192] __attribute__((aligned(16)));
 
 static void set_gate(int vec, int stub)
@@ -159,9 +162,11 @@ static void cpu_init(void)
     /* TSS: RSP0 = trap_stack, used when ring 3 traps into ring 0. */
     u64 rsp0 = (u64)trap_stack + sizeof(trap_stack);
     memcpy(tss + 4, &rsp0, 8);
-    tss[102] = sizeof(tss);      /* I/O map base beyond the limit: no bitmap */
-    u64 b = (u64)tss, lim = sizeof(tss) - 1;
-    gdt[5] = (lim & 0xffff) | ((b & 0xffffff) << 16) | (0x89ull << 40) | (((b >> 24) & 0xff) << 56);
+    tss[102] = 104;              /* I/O map base: the bitmap follows the TSS */
+    tss[TSS_SIZE - 1] = 0xff;    /* bitmap terminator */
+    u64 b = (u64)tss, lim = TSS_SIZE - 1;
+    gdt[5] = (lim & 0xffff) | ((b & 0xffffff) << 16) | (0x89ull << 40) | (((lim >> 16) & 0xf) << 48) |
+             (((b >> 24) & 0xff) << 56);
     gdt[6] = b >> 32;
     __asm__ volatile("ltr %w0" :: "r"(SEL_TSS));
 }
@@ -302,16 +307,21 @@ static u64 user_mmio(u64 n)
     return rdtsc() - t0;
 }
 
-/* Runs loop in ring 3; if ring 3 faults (port I/O on this host), runs it in ring 0. */
+/* Runs loop in ring 3 (probe.ring=0 forces ring 0); if ring 3 faults (e.g. port I/O
+ * without the TSS bitmap), runs it in ring 0 and reports the fault vector. */
 static void loop_test(const char *name, u64 (*loop)(u64))
 {
     u64 iters = param_u64("iters", 10000);
-    int ring = 3;
-    u64 cycles = in_user(loop, iters);
-    u64 fault = user_fault_vector;
-    if (cycles == USER_FAULTED) { ring = 0; cycles = loop(iters); }
+    int ring = param_u64("ring", 3) == 0 ? 0 : 3;
+    u64 cycles = 0, fault = 0;
+    if (ring == 3) {
+        cycles = in_user(loop, iters);
+        fault = user_fault_vector;
+        if (cycles == USER_FAULTED) ring = 0;
+    }
+    if (ring == 0) cycles = loop(iters);
     puts("PROBE "); puts(name); kv("ring", (u64)ring);
-    if (ring == 0) kv("ring3_fault", fault);
+    if (fault) kv("ring3_fault", fault);
     report_rate(iters, cycles); puts("\n");
     finish(0);
 }

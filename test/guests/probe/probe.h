@@ -10,7 +10,7 @@
 #define SEL_CODE32  0x38    /* 32-bit code, DPL 0 (AP trampoline) */
 
 #define TRAMPOLINE  0x8000  /* AP real-mode trampoline copy; SIPI vector 0x08 */
-#define USER_RFLAGS 0x3002  /* IOPL 3, IF 0 (IOPL is ignored by this host's ring 3) */
+#define USER_RFLAGS 0x3002  /* IOPL 3, IF 0 (the nested-PVM host ignores IOPL in ring 3; the TSS I/O bitmap is what lets ring 3 do port I/O) */
 
 #ifndef __ASSEMBLER__
 #include <stdint.h>
