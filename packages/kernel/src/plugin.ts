@@ -82,7 +82,7 @@ export class PluginHost {
       throw new KvmkitError('KVMKIT_ERR_PLUGIN_INVALID', `not a plugin (needs name, version and apply): ${describe(p)}`);
     }
     const plugin = p as Plugin;
-    if (!/^[a-z0-9@][a-z0-9._/-]*$/i.test(plugin.name)) {
+    if (!/^[a-z0-9@][a-z0-9._/:-]*$/i.test(plugin.name)) {
       throw new KvmkitError('KVMKIT_ERR_PLUGIN_INVALID', `plugin name ${JSON.stringify(plugin.name)} is not valid`);
     }
     if (typeof plugin.version !== 'string' || !semver.valid(plugin.version)) {

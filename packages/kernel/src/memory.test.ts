@@ -1,0 +1,70 @@
+import { describe, it, expect } from 'vitest';
+import { GuestMemory } from './memory.js';
+import { isKvmkitError } from './errors.js';
+
+const code = (f: () => unknown) => {
+  try {
+    f();
+  } catch (e) {
+    return isKvmkitError(e) ? e.code : `not coded: ${String(e)}`;
+  }
+  return 'no error';
+};
+
+describe('GuestMemory', () => {
+  const two = () =>
+    new GuestMemory([
+      { gpa: 0x10000n, size: 0x1000, bytes: new Uint8Array(0x1000), hva: 0n, slot: 1, name: 'b' },
+      { gpa: 0n, size: 0x2000, bytes: new Uint8Array(0x2000), hva: 0n, slot: 0, name: 'a' },
+    ]);
+
+  it('reads and writes little-endian values inside a region', () => {
+    const m = two();
+    m.writeU64(0x10, 0x1122334455667788n);
+    expect(m.readU32(0x10)).toBe(0x55667788);
+    expect(m.readU16(0x14)).toBe(0x3344);
+    expect(m.readU8(0x17)).toBe(0x11);
+    m.writeU32(0x10ffcn, 0xdeadbeef);
+    expect(m.readU32(0x10ffc)).toBe(0xdeadbeef);
+    expect(m.size).toBe(0x3000);
+    expect(m.end).toBe(0x11000n);
+  });
+
+  it('rejects every access outside RAM with KVMKIT_ERR_MEMORY_OUT_OF_BOUNDS', () => {
+    const m = two();
+    expect(code(() => m.readU32(0x1ffe))).toBe('KVMKIT_ERR_MEMORY_OUT_OF_BOUNDS'); // straddles end of region a
+    expect(code(() => m.read(0x2000, 1))).toBe('KVMKIT_ERR_MEMORY_OUT_OF_BOUNDS'); // the hole
+    expect(code(() => m.range(0x10000, 0x1001))).toBe('KVMKIT_ERR_MEMORY_OUT_OF_BOUNDS');
+    expect(code(() => m.range(-1, 1))).toBe('KVMKIT_ERR_MEMORY_OUT_OF_BOUNDS');
+    expect(code(() => m.range(0xffff_ffff_ffff_ffffn, 2))).toBe('KVMKIT_ERR_MEMORY_OUT_OF_BOUNDS');
+    expect(code(() => m.range(0, -1))).toBe('KVMKIT_ERR_MEMORY_OUT_OF_BOUNDS');
+    expect(code(() => m.range(0, 1.5))).toBe('KVMKIT_ERR_MEMORY_OUT_OF_BOUNDS');
+    expect(code(() => m.range(0, Number.NaN))).toBe('KVMKIT_ERR_MEMORY_OUT_OF_BOUNDS');
+    expect(m.contains(0x1fff, 1)).toBe(true);
+    expect(m.contains(0x1fff, 2)).toBe(false);
+  });
+
+  it('range() aliases guest memory', () => {
+    const m = GuestMemory.anonymous(0x1000);
+    m.range(0x100, 4).set([1, 2, 3, 4]);
+    expect(m.readU32(0x100)).toBe(0x04030201);
+    const copy = m.read(0x100, 4);
+    copy[0] = 9;
+    expect(m.readU8(0x100)).toBe(1);
+  });
+
+  it('rejects overlapping regions and mismatched views', () => {
+    expect(code(() => new GuestMemory([
+      { gpa: 0n, size: 0x2000, bytes: new Uint8Array(0x2000), hva: 0n, slot: 0, name: 'a' },
+      { gpa: 0x1000n, size: 0x1000, bytes: new Uint8Array(0x1000), hva: 0n, slot: 1, name: 'b' },
+    ]))).toBe('KVMKIT_ERR_MEMORY_LAYOUT');
+    expect(code(() => new GuestMemory([{ gpa: 0n, size: 0x2000, bytes: new Uint8Array(0x1000), hva: 0n, slot: 0, name: 'a' }]))).toBe('KVMKIT_ERR_MEMORY_LAYOUT');
+  });
+
+  it('refuses access once closed', () => {
+    const m = GuestMemory.anonymous(0x1000);
+    m.close();
+    expect(code(() => m.readU8(0))).toBe('KVMKIT_ERR_MEMORY_CLOSED');
+    expect(m.contains(0, 1)).toBe(false);
+  });
+});
