@@ -1,1 +1,10 @@
-export {};
+export { main, formatError, exitCodeForError, version, USAGE_CODES } from './main.js';
+export type { CliIo } from './main.js';
+export { parseCli, parseRunArgs, parseConfigArgs, parseDoctorArgs, parsePluginFlag, usageError, USAGE, LOG_LEVELS, COMMANDS } from './args.js';
+export type { CliArgs, RunArgs, ConfigArgs, DoctorArgs, PluginFlag, CliLogLevel } from './args.js';
+export { planRun, planConfig, planToJson, isFlagOnly, jsonReplacer, DEFAULT_FLAG_PLUGINS, CLI_DIR } from './plan.js';
+export type { Plan } from './plan.js';
+export { runPlan, exitCodeOf } from './run.js';
+export type { RunResult, RunIo } from './run.js';
+export { runDoctor, formatDoctor, REQUIRED_CAPS, OPTIONAL_CAPS } from './doctor.js';
+export type { DoctorReport, DoctorOptions, Check } from './doctor.js';
