@@ -1,1 +1,2 @@
-export {};
+export { helloImage, LOCK_ADDR } from './guest.js';
+export { Asm } from './asm.js';
