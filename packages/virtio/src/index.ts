@@ -1,1 +1,11 @@
-export {};
+export { VIRTIO_STATUS, VIRTIO_F, VIRTQ_DESC_F, VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_USED_F_NO_NOTIFY, VIRTIO_MMIO_INT, VIRTQ_MAX_SIZE, VIRTIO_ID, MMIO, VIRTIO_MMIO_MAGIC, VIRTIO_MMIO_VERSION, KVMKIT_VENDOR_ID, bit } from './constants.js';
+export { Virtqueue, VirtqueueError, DescriptorChain, MAX_CHAIN_BYTES } from './queue.js';
+export type { DescBuf, VirtqueueState } from './queue.js';
+export { VirtioDevice } from './device.js';
+export type { VirtioDeviceContext } from './device.js';
+export { VirtioMmioTransport } from './mmio.js';
+export type { VirtioVm, VirtioMmioTransportOptions, VirtioMmioState } from './mmio.js';
+export { registerVirtioMmio, useVirtioMmio, VIRTIO_MMIO_SIZE } from './register.js';
+export type { VirtioRegistry, VirtioMmioRegistration } from './register.js';
+export { VirtioTestDriver } from './driver.js';
+export type { RegisterPort, DriverQueue, DriverBuffer } from './driver.js';

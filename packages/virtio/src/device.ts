@@ -1,0 +1,94 @@
+import type { GuestMemory, Logger } from '@kvmkit/kernel';
+import { VIRTIO_F, bit } from './constants.js';
+import type { Virtqueue } from './queue.js';
+
+/** What a device sees of its transport. */
+export interface VirtioDeviceContext {
+  readonly memory: GuestMemory;
+  readonly log: Logger;
+  /** Features the driver accepted (valid once FEATURES_OK). */
+  readonly driverFeatures: bigint;
+  hasFeature(bitNumber: number): boolean;
+  queue(index: number): Virtqueue;
+  /** Raise a used-buffer interrupt for queue `q` if the driver wants one (EVENT_IDX / NO_INTERRUPT aware). */
+  signalUsed(q: number): void;
+  /** The config space changed: bump the generation and send a config-change interrupt. */
+  configChanged(): void;
+  /** Enter DEVICE_NEEDS_RESET (with a config-change interrupt once DRIVER_OK). */
+  needsReset(reason: string, err?: unknown): void;
+}
+
+/**
+ * A virtio device, declared once and independent of the transport (virtio-mmio here, PCI later).
+ * Subclasses set deviceId, queueSizes, features and config, and implement processQueue.
+ */
+export abstract class VirtioDevice {
+  /** Virtio device id (§5: 1 net, 2 block, 4 rng, …). */
+  abstract readonly deviceId: number;
+  /** Name for logs. */
+  abstract readonly name: string;
+  /** QueueNumMax of each queue (powers of 2). */
+  abstract readonly queueSizes: readonly number[];
+  /** Device-specific feature bits. The transport always adds VERSION_1 and, unless `ringFeatures` is false, INDIRECT_DESC and EVENT_IDX. */
+  abstract readonly features: bigint;
+  /** Offer VIRTIO_F_RING_INDIRECT_DESC and VIRTIO_F_RING_EVENT_IDX. */
+  ringFeatures = true;
+  /** Device configuration space (little endian). Mutate then call ctx.configChanged(). */
+  config: Uint8Array = new Uint8Array(0);
+
+  private context: VirtioDeviceContext | undefined;
+
+  /** Called by the transport once. */
+  attach(ctx: VirtioDeviceContext): void {
+    this.context = ctx;
+  }
+
+  get ctx(): VirtioDeviceContext {
+    if (!this.context) throw new Error(`virtio device ${this.name} is not attached to a transport`);
+    return this.context;
+  }
+
+  /** All feature bits offered. */
+  offeredFeatures(): bigint {
+    let f = this.features | bit(VIRTIO_F.VERSION_1);
+    if (this.ringFeatures) f |= bit(VIRTIO_F.RING_INDIRECT_DESC) | bit(VIRTIO_F.RING_EVENT_IDX);
+    return f;
+  }
+
+  /** Config space read (bytes past the end read as 0). */
+  readConfig(offset: number, data: Uint8Array): void {
+    data.fill(0);
+    if (offset < this.config.length) data.set(this.config.subarray(offset, Math.min(this.config.length, offset + data.length)));
+  }
+
+  /** Config space write; read-only by default (ignored). */
+  writeConfig(_offset: number, _data: Uint8Array): void {}
+
+  /** DRIVER_OK was set (features are final, queues programmed). */
+  activate(): void {}
+
+  /**
+   * The driver notified queue `q` (or the transport kicks it after DRIVER_OK/resume). Pop chains with
+   * `ctx.queue(q).pop()`, complete with `pushUsed`, then `ctx.signalUsed(q)`. May be async; a thrown
+   * VirtqueueError (guest-caused) or any other error puts the device in DEVICE_NEEDS_RESET.
+   */
+  abstract processQueue(q: number): void | Promise<void>;
+
+  /** Device-specific reset (status written 0). Queues are reset by the transport. */
+  reset(): void {}
+
+  /** Resolves when no request is in flight (called before save and on pause). */
+  quiesce(): Promise<void> {
+    return Promise.resolve();
+  }
+
+  /** Device-specific state (a JSON-safe plain object; bigint and Uint8Array allowed). */
+  saveState(): unknown {
+    return {};
+  }
+
+  restoreState(_state: unknown): void {}
+
+  /** Releases host resources (files, fds). */
+  close(): void | Promise<void> {}
+}
