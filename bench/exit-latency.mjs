@@ -26,7 +26,7 @@ const images = { pio: pioLoop(), mmio: mmioLoop() };
 for (const [k, v] of Object.entries(images)) writeFileSync(join(buildDir, `${k}.bin`), v);
 
 /** Runs the loop on kvmkit; returns µs per exit, timed from vCPU start to the guest's exit write. */
-async function kvmkit(kind, cpus, fastPath) {
+async function kvmkit(kind, cpus, fastPath, mailboxWake = 'waitAsync') {
   let tEnd = 0;
   const exitDev = {
     name: 'bench-exit', version: '1.0.0',
@@ -34,7 +34,7 @@ async function kvmkit(kind, cpus, fastPath) {
   };
   let tStart = 0;
   const timer = { name: 'bench-timer', version: '1.0.0', apply(m) { m.hooks.vcpuThread.tap('bench-timer', () => { tStart = performance.now(); }); } };
-  const m = new Machine({ config: { name: 'bench', memory: 16, cpus }, plugins: [timer, exitDev, counter({ fastPath }), bootFlat({ image: images[kind], ring: 3, arg: N })], log: silentLogger() });
+  const m = new Machine({ config: { name: 'bench', memory: 16, cpus }, plugins: [timer, exitDev, counter({ fastPath }), bootFlat({ image: images[kind], ring: 3, arg: N })], log: silentLogger(), mailboxWake });
   await m.start();
   const r = await m.waitForStop();
   const count = m.api.use('counter').value();
@@ -55,19 +55,21 @@ const cases = [
 ];
 const results = [];
 console.log(`exit round trip, ring-3 guest loop, ${N} exits per vCPU, median of ${R} rounds (µs per exit; 2 vCPUs: wall / total exits)`);
-console.log('case        C floor   kvmkit(vCPU thread)  ratio   kvmkit(main thread)  ratio');
+console.log('case        C floor   kvmkit(vCPU thread)  ratio   kvmkit(main, waitAsync)  ratio   kvmkit(main, eventfd)  ratio');
 for (const [kind, cpus] of cases) {
-  const f = [], k = [], km = [];
+  const f = [], k = [], km = [], ke = [];
   for (let i = 0; i < R; i++) {
     f.push(floor(kind, cpus));
     k.push(await kvmkit(kind, cpus, true));
     km.push(await kvmkit(kind, cpus, false));
+    ke.push(await kvmkit(kind, cpus, false, 'eventfd'));
   }
-  const row = { case: `${kind} ${cpus}vcpu`, floorUs: median(f), kvmkitUs: median(k), kvmkitMainUs: median(km) };
+  const row = { case: `${kind} ${cpus}vcpu`, floorUs: median(f), kvmkitUs: median(k), kvmkitMainUs: median(km), kvmkitMainEventfdUs: median(ke) };
   row.ratio = row.kvmkitUs / row.floorUs;
   row.ratioMain = row.kvmkitMainUs / row.floorUs;
+  row.ratioMainEventfd = row.kvmkitMainEventfdUs / row.floorUs;
   results.push(row);
-  console.log(`${row.case.padEnd(10)} ${row.floorUs.toFixed(2).padStart(8)}   ${row.kvmkitUs.toFixed(2).padStart(18)}  ${row.ratio.toFixed(3).padStart(6)}x  ${row.kvmkitMainUs.toFixed(2).padStart(18)}  ${row.ratioMain.toFixed(3).padStart(6)}x`);
+  console.log(`${row.case.padEnd(10)} ${row.floorUs.toFixed(2).padStart(8)}   ${row.kvmkitUs.toFixed(2).padStart(18)}  ${row.ratio.toFixed(3).padStart(6)}x  ${row.kvmkitMainUs.toFixed(2).padStart(22)}  ${row.ratioMain.toFixed(3).padStart(6)}x  ${row.kvmkitMainEventfdUs.toFixed(2).padStart(20)}  ${row.ratioMainEventfd.toFixed(3).padStart(6)}x`);
 }
 mkdirSync(join(here, 'results'), { recursive: true });
 writeFileSync(join(here, 'results/exit-latency.json'), JSON.stringify({ date: new Date().toISOString(), iters: N, rounds: R, results }, null, 2));

@@ -26,14 +26,14 @@ describe.skipIf(!hasKvm)('Machine on /dev/kvm', () => {
     expect(m.state).toBe('stopped');
   });
 
-  it('hands exits to main-thread devices through the mailbox (PIO and MMIO)', async () => {
+  it.each(['waitAsync', 'eventfd'] as const)('hands exits to main-thread devices through the mailbox (PIO and MMIO, wake by %s)', async (mailboxWake) => {
     for (const image of [pioLoop(), mmioLoop()]) {
       const n = 2_000;
-      const m = new Machine({ config: { name: 'main', memory: 16, cpus: 1 }, plugins: [exitPort(), counter({ fastPath: false }), bootFlat({ image, ring: 3, arg: n })], log });
+      const m = new Machine({ config: { name: 'main', memory: 16, cpus: 2 }, plugins: [exitPort(), counter({ fastPath: false }), bootFlat({ image, ring: 3, arg: n })], log, mailboxWake });
       const r = await runToStop(m);
       expect(r).toMatchObject({ reason: 'guest-exit', exitCode: 0 });
-      expect(m.api.use<CounterApi>('counter')!.value()).toBe(n);
-      expect(m.stats.mainExits).toBeGreaterThanOrEqual(n);
+      expect(m.api.use<CounterApi>('counter')!.value()).toBe(2 * n);
+      expect(m.stats.mainExits).toBeGreaterThanOrEqual(2 * n);
     }
   });
 

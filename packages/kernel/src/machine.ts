@@ -17,6 +17,7 @@ import * as ffi from './kvm/ffi.js';
 import type { CpuidEntry, VcpuBootState } from './kvm/types.js';
 import { KVM_EXIT, KVM_SYSTEM_EVENT, type VcpuExit } from './exits.js';
 import * as P from './vcpu/protocol.js';
+import { EventFd, watchFd, type FdWatch } from './fdwatch.js';
 
 export const KERNEL_VERSION: string = (() => {
   try {
@@ -33,6 +34,12 @@ export interface MachineOptions {
   log?: Logger;
   /** Path of the KVM device (default /dev/kvm or $KVMKIT_KVM_DEVICE). */
   kvmPath?: string;
+  /**
+   * How a vCPU worker wakes the main thread for an exit a main-thread device must answer:
+   * 'waitAsync' (Atomics.waitAsync on the mailbox, default) or 'eventfd' (an eventfd watched with uv_poll).
+   * bench/exit-latency.mjs measures both; see the kernel README.
+   */
+  mailboxWake?: 'waitAsync' | 'eventfd';
 }
 
 interface VcpuRuntime {
@@ -46,6 +53,8 @@ interface VcpuRuntime {
   thread: bigint;
   exited: Promise<void>;
   done: boolean;
+  wake: EventFd | undefined;
+  watch: FdWatch | undefined;
 }
 
 /** Capabilities the kernel itself needs. */
@@ -96,6 +105,7 @@ export class Machine {
   private cmdline = '';
   private resetRequested = false;
   private readonly kvmPath: string | undefined;
+  private readonly mailboxWake: 'waitAsync' | 'eventfd';
   /** Number of exits handled on the main thread per vCPU (diagnostics). */
   readonly stats = { mainExits: 0 };
 
@@ -103,6 +113,7 @@ export class Machine {
     validateMachineConfig(opts.config);
     this.config = { ...opts.config };
     this.kvmPath = opts.kvmPath;
+    this.mailboxWake = opts.mailboxWake ?? 'waitAsync';
     this.log = (opts.log ?? createLogger()).child({ vm: this.config.name });
     this.hooks = createHooks();
     traceHooks(this.hooks, this.log);
@@ -256,11 +267,12 @@ export class Machine {
     for (const vcpu of this._vcpus) {
       const ctrlSab = new SharedArrayBuffer(P.CTRL_INTS * 4);
       const mbSab = new SharedArrayBuffer(P.MB_BYTES);
-      const init: P.WorkerInit = { index: vcpu.index, fd: vcpu.fd, mmapSize: vcpu.mmapSize, ctrl: ctrlSab, mailbox: mbSab, pio, mmio, handlers, kernelFfi: '' };
+      const wake = this.mailboxWake === 'eventfd' ? EventFd.create() : undefined;
+      const init: P.WorkerInit = { index: vcpu.index, fd: vcpu.fd, mmapSize: vcpu.mmapSize, ctrl: ctrlSab, mailbox: mbSab, pio, mmio, handlers, wakeFd: wake ? wake.fd : -1 };
       const worker = new Worker(url, { workerData: init, name: `vcpu${vcpu.index}` });
       const rt: VcpuRuntime = {
         index: vcpu.index, vcpu, worker, ctrl: new Int32Array(ctrlSab), mb: new Int32Array(mbSab), mbBytes: new Uint8Array(mbSab),
-        tid: 0, thread: 0n, done: false, exited: Promise.resolve(),
+        tid: 0, thread: 0n, done: false, exited: Promise.resolve(), wake, watch: undefined,
       };
       rt.exited = new Promise<void>((res) => worker.once('exit', () => { rt.done = true; res(); }));
       this.runtimes.push(rt);
@@ -297,20 +309,24 @@ export class Machine {
 
   /** Serves one vCPU's mailbox on the main thread until the worker is gone. */
   private serveMailbox(rt: VcpuRuntime): void {
+    if (rt.wake) {
+      const wake = rt.wake;
+      const serve = (): void => {
+        wake.drain();
+        if (rt.done || Atomics.load(rt.mb, P.MB_STATE) !== P.MB_REQUEST) return;
+        rt.mb[P.MB_ACTION] = this.serveOne(rt);
+        Atomics.store(rt.mb, P.MB_STATE, P.MB_RESPONSE);
+        Atomics.notify(rt.mb, P.MB_STATE);
+      };
+      rt.watch = watchFd(wake.fd, serve);
+      serve();
+      return;
+    }
     const step = (): void => {
       if (rt.done) return;
       const v = Atomics.load(rt.mb, P.MB_STATE);
       if (v === P.MB_REQUEST) {
-        let action = P.ACTION_CONTINUE;
-        try {
-          action = this.handleRequest(rt);
-        } catch (e) {
-          const err = toKvmkitError(e, 'KVMKIT_ERR_PLUGIN_HOOK', `device error on vCPU ${rt.index}: ${(e as Error)?.message ?? e}`);
-          this.requestStop({ reason: 'error', exitCode: 1, message: err.message, error: err });
-          action = P.ACTION_PARK;
-        }
-        if (this._state === 'stopping' || this.stopReason) action = P.ACTION_PARK;
-        rt.mb[P.MB_ACTION] = action;
+        rt.mb[P.MB_ACTION] = this.serveOne(rt);
         Atomics.store(rt.mb, P.MB_STATE, P.MB_RESPONSE);
         Atomics.notify(rt.mb, P.MB_STATE);
         step();
@@ -321,6 +337,20 @@ export class Machine {
       else queueMicrotask(step);
     };
     step();
+  }
+
+  /** Answers the pending mailbox request; returns the action for the worker. */
+  private serveOne(rt: VcpuRuntime): number {
+    let action = P.ACTION_CONTINUE;
+    try {
+      action = this.handleRequest(rt);
+    } catch (e) {
+      const err = toKvmkitError(e, 'KVMKIT_ERR_PLUGIN_HOOK', `device error on vCPU ${rt.index}: ${(e as Error)?.message ?? e}`);
+      this.requestStop({ reason: 'error', exitCode: 1, message: err.message, error: err });
+      action = P.ACTION_PARK;
+    }
+    if (this._state === 'stopping' || this.stopReason) action = P.ACTION_PARK;
+    return action;
   }
 
   private handleRequest(rt: VcpuRuntime): number {
@@ -556,6 +586,10 @@ export class Machine {
     }
     await Promise.race([Promise.all(this.runtimes.map((r) => r.exited)), new Promise((r) => setTimeout(r, 2000))]);
     for (const rt of this.runtimes) if (!rt.done) await rt.worker.terminate();
+    for (const rt of this.runtimes) {
+      rt.watch?.close();
+      rt.wake?.close();
+    }
     if (wasStarted) {
       try {
         await this.hooks.afterStop.promise(this.api);

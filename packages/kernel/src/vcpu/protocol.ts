@@ -71,7 +71,8 @@ export interface WorkerInit {
   pio: WorkerRange[];
   mmio: WorkerRange[];
   handlers: Array<{ module: string; exportName?: string; shared?: unknown; kind: 'pio' | 'mmio'; base: number }>;
-  kernelFfi: string;
+  /** eventfd the worker signals after posting a request (wake mode 'eventfd'), or -1 (wake mode 'waitAsync'). */
+  wakeFd: number;
 }
 
 export type WorkerMessage =

@@ -60,6 +60,9 @@ async function main(): Promise<void> {
   while (Atomics.load(ctrl, P.STATE) === P.ST_STARTING) Atomics.wait(ctrl, P.STATE, P.ST_STARTING);
 
   const fd = init.fd;
+  const wakeFd = init.wakeFd;
+  const one = Buffer.alloc(8);
+  one.writeBigUInt64LE(1n);
   const RUN = KVM.RUN;
   const R = OFF.kvm_run;
   let exits = 0;
@@ -75,7 +78,8 @@ async function main(): Promise<void> {
     mb[P.MB_ACTION] = 0;
     ctrl[P.EXITS_MAIN] = (ctrl[P.EXITS_MAIN]! + 1) | 0;
     Atomics.store(mb, P.MB_STATE, P.MB_REQUEST);
-    Atomics.notify(mb, P.MB_STATE);
+    if (wakeFd >= 0) ffi.writeFd(wakeFd, one);
+    else Atomics.notify(mb, P.MB_STATE);
     while (Atomics.load(mb, P.MB_STATE) === P.MB_REQUEST) Atomics.wait(mb, P.MB_STATE, P.MB_REQUEST);
     const action = mb[P.MB_ACTION]!;
     Atomics.store(mb, P.MB_STATE, P.MB_IDLE);
