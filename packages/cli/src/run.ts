@@ -63,6 +63,7 @@ export async function runPlan(plan: Plan, opts: { logLevel?: CliLogLevel; log?: 
       boots++;
       await m.start();
       started = true;
+      log.info({ plugins: plugins.map((p) => p.name), boot: boots }, 'VM running');
       // A signal that came while start() was running: the stop() above ran before the machine existed fully.
       if (signalled !== undefined) void m.stop({ reason: 'signal', exitCode: SIGNAL_EXIT[signalled] ?? 1, message: `${signalled} received` });
       const reason = await m.waitForStop();

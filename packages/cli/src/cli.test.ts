@@ -1,0 +1,335 @@
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, mkdirSync, mkdtempSync, realpathSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { afterAll, describe, expect, it } from 'vitest';
+import { parseCli, parsePluginFlag, parseRunArgs } from './args.js';
+import { exitCodeOf } from './run.js';
+
+const BIN = fileURLToPath(new URL('../dist/bin.js', import.meta.url));
+const hasKvm = existsSync('/dev/kvm');
+if (!hasKvm) console.warn('[kvmkit cli] /dev/kvm not present: doctor/run tests on KVM are skipped');
+
+const root = realpathSync(mkdtempSync(path.join(os.tmpdir(), 'kvmkit-cli-')));
+afterAll(() => rmSync(root, { recursive: true, force: true }));
+let n = 0;
+function project(files: Record<string, string | Uint8Array>): string {
+  const d = path.join(root, `p${n++}`);
+  mkdirSync(d, { recursive: true });
+  writeFileSync(path.join(d, 'package.json'), '{"name":"t","private":true,"type":"module"}');
+  for (const [f, c] of Object.entries(files)) {
+    mkdirSync(path.dirname(path.join(d, f)), { recursive: true });
+    writeFileSync(path.join(d, f), c);
+  }
+  return d;
+}
+
+function kvmkit(args: string[], cwd: string, timeout = 60_000) {
+  const r = spawnSync(process.execPath, [BIN, ...args], { cwd, encoding: 'utf8', timeout, env: { ...process.env, KVMKIT_LOG_LEVEL: 'warn' } });
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr, signal: r.signal };
+}
+
+describe('argument parsing', () => {
+  it('run: flags, repeatable --plugin with JSON options, one positional', () => {
+    const a = parseRunArgs(['web', '--memory', '512', '--cpus=2', '--kernel', 'k', '--initrd', 'i', '--cmdline', 'a=b c', '--plugin', 'serial', '-p', './x.mjs:{"a":{"b":1}}', '--host', 'lab', '--log-level', 'debug', '--no-defaults', '--dry-run']);
+    expect(a).toEqual({
+      command: 'run', help: false, vm: 'web', config: undefined, host: 'lab', memory: 512, cpus: 2, kernel: 'k', initrd: 'i', cmdline: 'a=b c',
+      plugins: [{ name: 'serial', options: {}, raw: 'serial' }, { name: './x.mjs', options: { a: { b: 1 } }, raw: './x.mjs:{"a":{"b":1}}' }],
+      noDefaults: true, logLevel: 'debug', dryRun: true,
+    });
+  });
+
+  it('--plugin JSON may contain colons; the name ends at the first one', () => {
+    expect(parsePluginFlag('serial:{"output":{"file":"c:/x"}}')).toEqual({ name: 'serial', options: { output: { file: 'c:/x' } }, raw: 'serial:{"output":{"file":"c:/x"}}' });
+  });
+
+  const bad: Array<[string[], RegExp]> = [
+    [['run', '--plugin', 'serial:{bad'], /--plugin serial: options are not valid JSON/],
+    [['run', '--plugin', 'serial:[1]'], /must be a JSON object/],
+    [['run', '--plugin', ':{}'], /expected NAME/],
+    [['run', '--memory', '12x'], /--memory must be an integer in 1\.\.1048576/],
+    [['run', '--cpus', '0'], /--cpus must be an integer/],
+    [['run', '--log-level', 'loud'], /--log-level must be one of/],
+    [['run', '--frobnicate'], /run: Unknown option '--frobnicate'/],
+    [['run', 'a', 'b'], /one VM name at most/],
+    [['run', '--memory'], /run: Option '-m, --memory <value>' argument missing/],
+    [['config'], /nothing to do; use kvmkit config --print/],
+    [['config', '--print', 'web'], /use --vm NAME/],
+    [['doctor', 'x'], /unexpected argument/],
+    [['launch'], /unknown command "launch"/],
+    [['--verbose'], /unknown option --verbose/],
+  ];
+  for (const [argv, re] of bad) {
+    it(`usage error: ${argv.join(' ')}`, () => {
+      try {
+        parseCli(argv);
+        expect.unreachable();
+      } catch (e) {
+        expect((e as { code: string }).code).toBe('KVMKIT_ERR_CLI_USAGE');
+        expect((e as Error).message).toMatch(re);
+      }
+    });
+  }
+
+  it('top level: help, version', () => {
+    expect(parseCli([])).toEqual({ command: 'help' });
+    expect(parseCli(['help', 'run'])).toEqual({ command: 'help', topic: 'run' });
+    expect(parseCli(['-V'])).toEqual({ command: 'version' });
+    expect(parseCli(['doctor', '--json'])).toEqual({ command: 'doctor', help: false, json: true });
+  });
+
+  it('exit code of a stop reason', () => {
+    expect(exitCodeOf({ reason: 'guest-exit', exitCode: 42 })).toBe(42);
+    expect(exitCodeOf({ reason: 'halt', exitCode: 0 })).toBe(0);
+    expect(exitCodeOf({ reason: 'triple-fault', exitCode: 0 })).toBe(1);
+    expect(exitCodeOf({ reason: 'error', exitCode: 1 })).toBe(1);
+  });
+});
+
+describe('kvmkit (spawned bin)', () => {
+  it('--version and --help for every command', () => {
+    const v = kvmkit(['--version'], root);
+    expect(v.code).toBe(0);
+    expect(v.stdout).toMatch(/^kvmkit \d+\.\d+\.\d+\n$/);
+    const h = kvmkit(['--help'], root);
+    expect(h.code).toBe(0);
+    expect(h.stdout).toContain('Usage: kvmkit <command>');
+    for (const [cmd, text] of [['run', 'serial and platform-pc plugins by default'], ['config', 'Usage: kvmkit config --print'], ['doctor', 'Usage: kvmkit doctor']] as const) {
+      const r = kvmkit([cmd, '--help'], root);
+      expect(r.code).toBe(0);
+      expect(r.stdout).toContain(text);
+      expect(kvmkit(['help', cmd], root).stdout).toBe(r.stdout);
+    }
+    expect(kvmkit(['help', 'nope'], root).code).toBe(2);
+  });
+
+  it('unknown command / bad flag: exit 2 with a coded message', () => {
+    const r = kvmkit(['launch'], root);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(/^error KVMKIT_ERR_CLI_USAGE: unknown command "launch"/);
+  });
+
+  it('bad JSON in --plugin: exit 2', () => {
+    const r = kvmkit(['run', '--plugin', 'serial:{oops}'], root);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(/^error KVMKIT_ERR_CLI_USAGE: --plugin serial: options are not valid JSON/);
+  });
+
+  it('missing config: exit 2, KVMKIT_ERR_CONFIG_NOT_FOUND', () => {
+    const d = project({});
+    const r = kvmkit(['config', '--print'], d);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(/^error KVMKIT_ERR_CONFIG_NOT_FOUND: no kvmkit config found/);
+    expect(r.stderr).toContain(d);
+    const r2 = kvmkit(['run', 'web', '--config', 'nope.mjs'], d);
+    expect(r2.code).toBe(2);
+    expect(r2.stderr).toContain(`error KVMKIT_ERR_CONFIG_NOT_FOUND: config file ${path.join(d, 'nope.mjs')} does not exist`);
+  });
+
+  it('invalid config: exit 2 naming file and key path', () => {
+    const d = project({ 'kvmkit.config.yaml': 'vms:\n  web:\n    memory: lots\n' });
+    const r = kvmkit(['run', 'web', '--dry-run'], d);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toBe(`error KVMKIT_ERR_CONFIG: ${path.join(d, 'kvmkit.config.yaml')}: vms.web.memory must be guest RAM in MiB (an integer in 1..1048576) (got "lots")\n`);
+  });
+
+  it('unknown --host: exit 2, KVMKIT_ERR_CONFIG_HOST', () => {
+    const d = project({ 'kvmkit.config.json': JSON.stringify({ vms: { web: {} }, hosts: { lab: {} } }) });
+    const r = kvmkit(['config', '--print', '--host', 'moon'], d);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(/^error KVMKIT_ERR_CONFIG_HOST: .*--host moon: no such host section \(hosts\.moon\); known hosts: lab/);
+  });
+
+  it('unknown plugin: exit 2, KVMKIT_ERR_PLUGIN_NOT_FOUND naming the config file and where it looked', () => {
+    const d = project({ 'kvmkit.config.json': JSON.stringify({ vms: { web: { plugins: ['serial', 'warp-drive'] } } }) });
+    const r = kvmkit(['run', 'web'], d);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(/^error KVMKIT_ERR_PLUGIN_NOT_FOUND: plugin warp-drive not found/);
+    expect(r.stderr).toContain(`config ${path.join(d, 'kvmkit.config.json')}`);
+    expect(r.stderr).toContain('vms.web.plugins[1]');
+    expect(r.stderr).toContain('@kvmkit/plugin-warp-drive, kvmkit-plugin-warp-drive, warp-drive');
+    expect(r.stderr).toContain(d);
+    const f = kvmkit(['run', '--no-defaults', '--plugin', './nope.mjs'], d);
+    expect(f.code).toBe(2);
+    expect(f.stderr).toContain(`error KVMKIT_ERR_PLUGIN_NOT_FOUND: plugin ${path.join(d, 'nope.mjs')} not found (at --plugin ./nope.mjs)`);
+  });
+
+  it('config --print: resolved VM, plugins with options and sources, host chosen and why', () => {
+    const d = project({
+      'vms/kvmkit.config.mjs': `export default {
+        vms: { web: { memory: 512, cpus: 2, cmdline: 'root=/dev/vda', plugins: ['serial', { name: 'boot-linux', options: { kernel: './vmlinux' } }, 'hugepages'] } },
+        hosts: {
+          lab: { match: { hostname: 'lab-*' }, plugins: [{ name: 'serial', options: { output: { file: 'console.log' } } }] },
+          nested: { match: { kvmModule: 'kvm_pvm' }, plugins: ['host-pvm'], remove: ['hugepages'] },
+          default: { plugins: [] },
+        },
+      };\n`,
+    });
+    const r = kvmkit(['config', '--print', '--hostname', 'lab-7'], path.join(d, 'vms'));
+    expect(r.stderr).toBe('');
+    expect(r.code).toBe(0);
+    const j = JSON.parse(r.stdout);
+    expect(j).toEqual({
+      config: path.join(d, 'vms/kvmkit.config.mjs'),
+      mode: 'config',
+      vm: { name: 'web', memory: 512, cpus: 2, cmdline: 'root=/dev/vda' },
+      host: { name: 'lab', chosenBy: 'match', reason: 'hostname "lab-7" matches "lab-*"' },
+      plugins: [
+        { name: 'serial', key: '@kvmkit/plugin-serial', options: { output: { file: path.join(d, 'vms/console.log') } }, from: ['vms.web.plugins[0]', 'hosts.lab.plugins[0]'] },
+        { name: 'boot-linux', key: '@kvmkit/plugin-boot-linux', options: { kernel: path.join(d, 'vms/vmlinux') }, from: ['vms.web.plugins[1]'] },
+        { name: 'hugepages', key: '@kvmkit/plugin-hugepages', options: {}, from: ['vms.web.plugins[2]'] },
+      ],
+      removed: [],
+      settings: { memory: 'vms.web.memory', cpus: 'vms.web.cpus', cmdline: 'vms.web.cmdline' },
+    });
+    const h = JSON.parse(kvmkit(['config', '--print', '--host', 'nested', '--vm', 'web'], path.join(d, 'vms')).stdout);
+    expect(h.host).toEqual({ name: 'nested', chosenBy: 'flag', reason: '--host nested' });
+    expect(h.plugins.map((p: { name: string }) => p.name)).toEqual(['serial', 'boot-linux', 'host-pvm']);
+    expect(h.removed).toEqual([{ name: 'hugepages', key: '@kvmkit/plugin-hugepages', by: 'hosts.nested.remove[0]', present: true }]);
+    const dflt = JSON.parse(kvmkit(['config', '--print', '--hostname', 'elsewhere'], path.join(d, 'vms')).stdout);
+    // On this machine kvm_pvm is loaded, so "nested" matches; elsewhere "default".
+    expect(dflt.host.name).toBe(existsSync('/sys/module/kvm_pvm') ? 'nested' : 'default');
+  });
+
+  it('run --dry-run: flags override config values and merge plugin options; flag-only mode adds serial + platform-pc', () => {
+    const d = project({ 'kvmkit.config.json': JSON.stringify({ vms: { web: { memory: 64, cmdline: 'a', plugins: [{ name: 'boot-linux', options: { kernel: 'old', initrd: 'i.cpio' } }] } } }) });
+    const r = kvmkit(['run', 'web', '--dry-run', '--memory', '128', '--kernel', 'new/vmlinux', '--cmdline', 'b', '--plugin', 'serial:{"output":"none"}'], d);
+    expect(r.code).toBe(0);
+    const j = JSON.parse(r.stdout);
+    expect(j.vm).toEqual({ name: 'web', memory: 128, cpus: 1, cmdline: 'b' });
+    expect(j.settings).toEqual({ memory: '--memory', cpus: 'default', cmdline: '--cmdline' });
+    expect(j.plugins).toEqual([
+      { name: 'boot-linux', key: '@kvmkit/plugin-boot-linux', options: { kernel: path.join(d, 'new/vmlinux'), initrd: path.join(d, 'i.cpio') }, from: ['vms.web.plugins[0]', '--kernel'] },
+      { name: 'serial', key: '@kvmkit/plugin-serial', options: { output: 'none' }, from: ['--plugin serial:{"output":"none"}'] },
+    ]);
+    const f = JSON.parse(kvmkit(['run', '--dry-run', '--kernel', 'vmlinux', '--initrd', 'x.cpio', '--cpus', '2'], d).stdout);
+    expect(f.mode).toBe('flags');
+    expect(f.config).toBeNull();
+    expect(f.vm).toEqual({ name: 'vm', memory: 256, cpus: 2 });
+    expect(f.plugins.map((p: { key: string }) => p.key)).toEqual(['@kvmkit/plugin-serial', '@kvmkit/plugin-platform-pc', '@kvmkit/plugin-boot-linux']);
+    expect(f.plugins[2].options).toEqual({ kernel: path.join(d, 'vmlinux'), initrd: path.join(d, 'x.cpio') });
+    const bare = JSON.parse(kvmkit(['run', '--dry-run', '--no-defaults', '--plugin', 'boot-flat:{"image":"g.bin"}'], d).stdout);
+    expect(bare.plugins).toEqual([{ name: 'boot-flat', key: '@kvmkit/plugin-boot-flat', options: { image: path.join(d, 'g.bin') }, from: ['--plugin boot-flat:{"image":"g.bin"}'] }]);
+  });
+
+  it.skipIf(!hasKvm)('doctor on this machine: usable, API 12, required capabilities present', () => {
+    const r = kvmkit(['doctor', '--json'], root);
+    expect(r.code).toBe(0);
+    const j = JSON.parse(r.stdout);
+    expect(j.usable).toBe(true);
+    expect(j.device).toMatchObject({ path: '/dev/kvm', exists: true, accessible: true });
+    expect(j.apiVersion).toBe(12);
+    expect(j.capabilities.missingRequired).toEqual([]);
+    for (const c of ['IRQCHIP', 'USER_MEMORY', 'SET_TSS_ADDR', 'EXT_CPUID', 'IOEVENTFD', 'IRQFD', 'PIT2', 'IMMEDIATE_EXIT']) expect(j.capabilities.required[c]).toBeGreaterThan(0);
+    expect(j.limits.vcpuMmapSize).toBeGreaterThan(0);
+    expect(j.nestedPvm.detected).toBe(existsSync('/sys/module/kvm_pvm'));
+    const t = kvmkit(['doctor'], root);
+    expect(t.code).toBe(0);
+    expect(t.stdout).toContain('ok    KVM API version 12');
+    expect(t.stdout).toContain('kvmkit can run VMs on this host.');
+    if (j.nestedPvm.detected) expect(t.stdout).toContain("hosts: { nested: { match: { kvmModule: 'kvm_pvm' }, plugins: ['host-pvm'] } }");
+  });
+
+  it('doctor with an unusable device: exit 1, FAIL lines', () => {
+    const r = spawnSync(process.execPath, [BIN, 'doctor'], { cwd: root, encoding: 'utf8', env: { ...process.env, KVMKIT_KVM_DEVICE: path.join(root, 'no-such-kvm') } });
+    expect(r.status).toBe(1);
+    expect(r.stdout).toContain(`FAIL  ${path.join(root, 'no-such-kvm')} exists: missing`);
+    expect(r.stdout).toContain('kvmkit cannot run VMs on this host');
+  });
+});
+
+// A debug-exit device written as a local plugin file: exercises ./path plugin names and exit codes.
+const EXIT_PLUGIN = `export default function exitPort() {
+  return { name: 'test-exit', version: '0.1.0', apply(m) {
+    m.hooks.devices.tap('test-exit', (reg) => reg.addPio(0xf4, 1, { read() {}, write: (_o, d) => m.requestStop({ reason: 'guest-exit', exitCode: d[0] }) }, 'test-exit'));
+  } };
+}\n`;
+// boot-flat's validateOptions currently rejects a string `image` (checkOptions type 'object'), so the tests load the
+// bytes through this local wrapper plugin (its `file` option is a path option, rebased to the config directory).
+const BOOT_FLAT = new URL('../../../plugins/boot-flat/dist/index.js', import.meta.url).href;
+const FLAT_PLUGIN = `import { readFileSync } from 'node:fs';
+import bootFlat from ${JSON.stringify(BOOT_FLAT)};
+export default function flat(o) { return bootFlat({ image: new Uint8Array(readFileSync(o.file)) }); }\n`;
+// Ring-0 flat guests (boot-flat loads them at 0x100000 in long mode).
+const HELLO_EXIT_42 = Uint8Array.from([
+  0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+  0xb0, 0x68, 0xee, 0xb0, 0x69, 0xee, 0xb0, 0x0a, 0xee, // "hi\n" to the UART
+  0xb0, 0x2a, 0xe6, 0xf4, // out 0xf4, 42
+  0xf4, 0xeb, 0xfd, // hlt; jmp
+]);
+const HALT = Uint8Array.from([0xf4, 0xeb, 0xfd]);
+const UD2 = Uint8Array.from([0x0f, 0x0b]);
+const SPIN = Uint8Array.from([0xeb, 0xfe]);
+
+describe.skipIf(!hasKvm)('kvmkit run on /dev/kvm (boot-flat guests)', () => {
+  const d = project({
+    'exit-port.mjs': EXIT_PLUGIN,
+    'flat.mjs': FLAT_PLUGIN,
+    'hello.bin': HELLO_EXIT_42,
+    'halt.bin': HALT,
+    'ud2.bin': UD2,
+    'spin.bin': SPIN,
+    'kvmkit.config.json': JSON.stringify({
+      vms: {
+        hello: { memory: 16, plugins: [{ name: './flat.mjs', options: { file: 'hello.bin' } }, 'serial', './exit-port.mjs'] },
+        halt: { memory: 16, cpus: 2, plugins: [{ name: './flat.mjs', options: { file: './halt.bin' } }] },
+        crash: { memory: 16, plugins: [{ name: './flat.mjs', options: { file: './ud2.bin' } }] },
+        spin: { memory: 16, plugins: [{ name: './flat.mjs', options: { file: './spin.bin' } }] },
+      },
+    }),
+  });
+
+  it('guest debug-exit value becomes the exit code; serial output reaches stdout', () => {
+    const r = kvmkit(['run', 'hello'], d);
+    expect(r.stderr).toBe('');
+    expect(r.stdout).toBe('hi\n');
+    expect(r.code).toBe(42);
+  });
+
+  it('flag-only mode with --no-defaults and local/package plugins', () => {
+    const r = kvmkit(['run', '--no-defaults', '--memory', '16', '--plugin', `./flat.mjs:{"file":"hello.bin"}`, '--plugin', 'serial', '--plugin', './exit-port.mjs'], d);
+    expect(r.stdout).toBe('hi\n');
+    expect(r.code).toBe(42);
+  });
+
+  it('all vCPUs halted: exit 0', () => {
+    const r = kvmkit(['run', 'halt'], d);
+    expect(r.stderr).toBe('');
+    expect(r.code).toBe(0);
+  });
+
+  it('triple fault: exit 1 with a coded message', () => {
+    const r = kvmkit(['run', 'crash'], d);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/error KVMKIT_ERR_GUEST_SHUTDOWN: /);
+  });
+
+  it('a plugin that rejects its options: exit 2', () => {
+    const r = kvmkit(['run', 'halt', '--plugin', 'serial:{"output":42}'], d);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(/^error KVMKIT_ERR_PLUGIN_OPTIONS: .*serial/);
+  });
+
+  for (const [sig, code] of [['SIGINT', 130], ['SIGTERM', 143]] as const) {
+    it(`${sig} stops a running VM cleanly: exit ${code}`, async () => {
+      const child = spawn(process.execPath, [BIN, 'run', 'spin', '--log-level', 'info'], { cwd: d, env: { ...process.env }, stdio: ['ignore', 'pipe', 'pipe'] });
+      let err = '';
+      const running = new Promise<void>((resolve) => {
+        child.stderr.on('data', (b: Buffer) => {
+          err += b.toString();
+          if (err.includes('VM running')) resolve();
+        });
+      });
+      const exited = new Promise<number | null>((resolve) => child.on('exit', (c) => resolve(c)));
+      await Promise.race([running, new Promise((r) => setTimeout(r, 20_000))]);
+      await new Promise((r) => setTimeout(r, 200));
+      child.kill(sig);
+      const c = await Promise.race([exited, new Promise<'timeout'>((r) => setTimeout(() => r('timeout'), 20_000))]);
+      if (c === 'timeout') child.kill('SIGKILL');
+      expect(err).toContain('VM running');
+      expect(c).toBe(code);
+      expect(err).toContain(`${sig} received`);
+    }, 60_000);
+  }
+});
