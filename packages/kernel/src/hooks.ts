@@ -1,6 +1,6 @@
 import tapable from 'tapable';
 import type { AsyncSeriesHook as AsyncSeriesHookT, AsyncSeriesBailHook as AsyncSeriesBailHookT, SyncHook as SyncHookT, SyncWaterfallHook as SyncWaterfallHookT, SyncBailHook as SyncBailHookT, HookMap as HookMapT } from 'tapable';
-import type { MachineConfig, MemoryLayout } from './config.js';
+import type { MachineConfig, MemoryLayout, LayoutRange } from './config.js';
 import type { GuestMemory } from './memory.js';
 import type { CpuidEntry, VcpuBootState } from './kvm/types.js';
 import type { VcpuExit, ExitAction } from './exits.js';
@@ -41,6 +41,20 @@ export interface VcpuHandle {
   vcpu: Vcpu;
 }
 
+/**
+ * Host memory for one guest RAM range, supplied by a plugin through `allocateMemory` (hugetlbfs, memfd,
+ * a snapshot's memory file mapped MAP_PRIVATE, …). `release` unmaps it (called after the VM fd is closed).
+ */
+export interface MemoryBacking {
+  hva: bigint;
+  size: number;
+  /** What backs it, for logs and diagnostics ('anonymous', 'hugetlb-2M', 'file:…'). */
+  kind: string;
+  /** An fd that maps this memory (memfd / file), when the backing has one. */
+  fd?: number;
+  release(): void;
+}
+
 /** Named strategies (snapshot, migration) supplied by plugins. */
 export interface Strategy {
   name: string;
@@ -63,6 +77,8 @@ export function createHooks() {
     configure: new SyncWaterfallHook<[MachineConfig]>(['config']),
     /** Plugins adjust the guest memory layout. */
     memoryLayout: new SyncWaterfallHook<[MemoryLayout, MachineConfig]>(['layout', 'config']),
+    /** First tap that returns a MemoryBacking maps that RAM range; default: anonymous private memory. */
+    allocateMemory: new SyncBailHook<[LayoutRange, MachineConfig], MemoryBacking | undefined>(['range', 'config']),
     /** Guest memory is mmap'd but not yet registered with KVM: madvise, mbind, prefault. */
     memoryMapped: new AsyncSeriesHook<[GuestMemory]>(['memory']),
     /** The VM exists, with memory slots: irqchip, PIT, TSS, identity map. */

@@ -7,7 +7,7 @@ export type { BusDevice, BusEntry, WorkerHandlerSpec, WorkerHandler, WorkerHandl
 export { validateMachineConfig, defaultMemoryLayout, MAX_VCPUS, MAX_MEMORY_MIB, PCI_HOLE_START, FOUR_GIB } from './config.js';
 export type { MachineConfig, PluginSpec, MemoryLayout, LayoutRange } from './config.js';
 export { createHooks, tapOnly, traceHooks } from './hooks.js';
-export type { Hooks, TapHooks, BootContext, BootResult, VcpuHandle, Strategy } from './hooks.js';
+export type { Hooks, TapHooks, BootContext, BootResult, VcpuHandle, Strategy, MemoryBacking } from './hooks.js';
 export { PluginHost, checkOptions } from './plugin.js';
 export type { Plugin, PluginFactory, PluginContext, MachineApi, MachineState, StopReason, OptionType } from './plugin.js';
 export { DeviceRegistry } from './registry.js';
@@ -19,6 +19,8 @@ export { Kvm, ioctlError } from './kvm/kvm.js';
 export { Vm } from './kvm/vm.js';
 export type { SlotInfo } from './kvm/vm.js';
 export { Vcpu } from './kvm/vcpu.js';
+export { saveVcpuState, restoreVcpuState } from './kvm/vcpu-state.js';
+export type { VcpuState } from './kvm/vcpu-state.js';
 export { KVM, KVM_CAP, KVM_MEM, SIZE, OFF } from './kvm/ioctls.js';
 export { MpState, REG_NAMES, SEGMENT_NAMES } from './kvm/types.js';
 export type { Regs, Sregs, Segment, DTable, CpuidEntry, MsrEntry, VcpuBootState } from './kvm/types.js';

@@ -5,7 +5,7 @@ import { KvmkitError, toKvmkitError, reviveError } from './errors.js';
 import { GuestMemory, type MemoryRegion } from './memory.js';
 import { PioBus, MmioBus, type BusEntry } from './bus.js';
 import { validateMachineConfig, defaultMemoryLayout, type MachineConfig, type MemoryLayout } from './config.js';
-import { createHooks, tapOnly, traceHooks, type Hooks, type TapHooks, type BootContext } from './hooks.js';
+import { createHooks, tapOnly, traceHooks, type Hooks, type TapHooks, type BootContext, type MemoryBacking } from './hooks.js';
 import { PluginHost, type MachineApi, type MachineState, type Plugin, type StopReason } from './plugin.js';
 import { DeviceRegistry } from './registry.js';
 import { StateReader, StateWriter, type StateSection } from './state.js';
@@ -15,6 +15,7 @@ import { Vm } from './kvm/vm.js';
 import type { Vcpu } from './kvm/vcpu.js';
 import * as ffi from './kvm/ffi.js';
 import type { CpuidEntry, VcpuBootState } from './kvm/types.js';
+import { saveVcpuState, restoreVcpuState, type VcpuState } from './kvm/vcpu-state.js';
 import { KVM_EXIT, KVM_SYSTEM_EVENT, type VcpuExit } from './exits.js';
 import * as P from './vcpu/protocol.js';
 import { EventFd, watchFd, type FdWatch } from './fdwatch.js';
@@ -90,7 +91,7 @@ export class Machine {
   private kvm: Kvm | undefined;
   private _vm: Vm | undefined;
   private _memory: GuestMemory | undefined;
-  private mappings: Array<{ addr: bigint; size: number }> = [];
+  private backings: MemoryBacking[] = [];
   private _vcpus: Vcpu[] = [];
   private runtimes: VcpuRuntime[] = [];
   readonly pio = new PioBus();
@@ -206,12 +207,24 @@ export class Machine {
 
     // Guest RAM: one anonymous mapping per range.
     const regions: MemoryRegion[] = [];
-    layout.ram.forEach((r, slot) => {
-      // SAFETY: the mapping lives until release(), after the VM fd (which references it) is closed.
-      const addr = ffi.mmap(r.size, ffi.PROT_READ | ffi.PROT_WRITE, ffi.MAP_PRIVATE | ffi.MAP_ANONYMOUS | ffi.MAP_NORESERVE);
-      this.mappings.push({ addr, size: r.size });
-      regions.push({ gpa: r.gpa, size: r.size, bytes: new Uint8Array(ffi.viewOf(addr, r.size)), hva: addr, slot, name: r.name });
-    });
+    for (const [slot, r] of layout.ram.entries()) {
+      const provided = await this.guard('allocateMemory', undefined, () => this.hooks.allocateMemory.call(r, this.config));
+      let backing: MemoryBacking;
+      if (provided) {
+        if (provided.size !== r.size) {
+          provided.release();
+          throw new KvmkitError('KVMKIT_ERR_MEMORY_LAYOUT', `allocateMemory returned ${provided.size} bytes for ${r.name} (${r.size} needed)`);
+        }
+        backing = provided;
+      } else {
+        // SAFETY: the mapping lives until release(), after the VM fd (which references it) is closed.
+        const addr = ffi.mmap(r.size, ffi.PROT_READ | ffi.PROT_WRITE, ffi.MAP_PRIVATE | ffi.MAP_ANONYMOUS | ffi.MAP_NORESERVE);
+        backing = { hva: addr, size: r.size, kind: 'anonymous', release: () => ffi.munmap(addr, r.size) };
+      }
+      this.backings.push(backing);
+      regions.push({ gpa: r.gpa, size: r.size, bytes: new Uint8Array(ffi.viewOf(backing.hva, r.size)), hva: backing.hva, slot, name: r.name });
+      log.debug({ range: r.name, size: r.size, backing: backing.kind }, 'guest RAM mapped');
+    }
     const memory = (this._memory = new GuestMemory(regions));
     await this.guard('memoryMapped', undefined, () => this.hooks.memoryMapped.promise(memory));
 
@@ -613,23 +626,53 @@ export class Machine {
     this._vcpus = [];
     this._vm?.close();
     this._memory?.close();
-    for (const m of this.mappings) ffi.munmap(m.addr, m.size);
-    this.mappings = [];
+    for (const b of this.backings) {
+      try { b.release(); } catch (e) { this.log.warn({ err: e }, 'releasing guest memory failed'); }
+    }
+    this.backings = [];
     this.kvm?.close();
     this.kvm = undefined;
   }
 
-  /** Collects every plugin's state section (the machine must be paused). */
-  async saveDeviceState(): Promise<Map<string, StateSection>> {
+  /**
+   * Collects the machine's state except guest RAM: section `kernel` (config summary, every vCPU's complete
+   * state) and every plugin's section (saveState hook). The machine must be paused.
+   */
+  async saveState(): Promise<Map<string, StateSection>> {
     if (this._state !== 'paused') throw new KvmkitError('KVMKIT_ERR_STATE', `saveState: machine must be paused (is ${this._state})`);
     const w = new StateWriter();
+    const kvm = this.kvm!;
+    const msrs = kvm.msrIndexList();
+    w.write('kernel', 1, {
+      memory: this.config.memory,
+      cpus: this.config.cpus,
+      ram: this._memory!.regions.map((r) => ({ gpa: r.gpa, size: r.size, name: r.name })),
+      vcpus: this._vcpus.map((v) => saveVcpuState(kvm, v, this._vm!.hasIrqchip, msrs)),
+    });
     await this.hooks.saveState.promise(w);
     return w.sections;
   }
 
-  async restoreDeviceState(sections: ReadonlyMap<string, StateSection>): Promise<void> {
+  /**
+   * Restores what saveState wrote, into a machine with the same config: call it while paused, or from a
+   * `beforeRun` tap (state 'configured': devices exist, vCPUs not yet running). Throws
+   * KVMKIT_ERR_STATE_FORMAT naming the mismatch when memory size, vCPU count or RAM layout differ.
+   */
+  async restoreState(sections: ReadonlyMap<string, StateSection>): Promise<void> {
     if (this._state !== 'paused' && this._state !== 'configured') throw new KvmkitError('KVMKIT_ERR_STATE', `restoreState: machine must be paused (is ${this._state})`);
-    await this.hooks.restoreState.promise(new StateReader(sections));
+    const r = new StateReader(sections);
+    const k = r.read<{ memory: number; cpus: number; ram: Array<{ gpa: bigint; size: number }>; vcpus: VcpuState[] }>('kernel', 1);
+    const mismatch = (what: string, saved: unknown, here: unknown) =>
+      new KvmkitError('KVMKIT_ERR_STATE_FORMAT', `saved state does not fit this machine: ${what} is ${String(saved)} in the state, ${String(here)} here`, { details: { what, saved, here } });
+    if (k.memory !== this.config.memory) throw mismatch('memory (MiB)', k.memory, this.config.memory);
+    if (k.cpus !== this.config.cpus || k.vcpus.length !== this._vcpus.length) throw mismatch('vCPU count', k.cpus, this.config.cpus);
+    const here = this._memory!.regions;
+    if (k.ram.length !== here.length || k.ram.some((x, i) => x.gpa !== here[i]!.gpa || x.size !== here[i]!.size)) {
+      throw mismatch('RAM layout', JSON.stringify(k.ram.map((x) => [String(x.gpa), x.size])), JSON.stringify(here.map((x) => [String(x.gpa), x.size])));
+    }
+    // Plugins first (irqchip/PIT in platform-pc must precede LAPIC/vCPU events), then the vCPUs.
+    await this.hooks.restoreState.promise(r);
+    k.vcpus.forEach((s, i) => restoreVcpuState(this._vcpus[i]!, s));
   }
 }
 
