@@ -293,6 +293,13 @@ describe.skipIf(!hasKvm)('kvmkit run on /dev/kvm (boot-flat guests)', () => {
     expect(r.code).toBe(42);
   });
 
+  it('flag-only mode with the default plugins: serial + platform-pc (its debug-exit port gives the exit code)', () => {
+    const r = kvmkit(['run', '--memory', '16', '--plugin', `./flat.mjs:{"file":"hello.bin"}`], d);
+    expect(r.stderr).toBe('');
+    expect(r.stdout).toBe('hi\n');
+    expect(r.code).toBe(42);
+  });
+
   it('all vCPUs halted: exit 0', () => {
     const r = kvmkit(['run', 'halt'], d);
     expect(r.stderr).toBe('');
