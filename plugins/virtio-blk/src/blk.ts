@@ -1,0 +1,387 @@
+import * as fs from 'node:fs';
+import { KvmkitError, ffi, type Logger } from '@kvmkit/kernel';
+import { VIRTIO_ID, VirtioDevice, bit, type DescriptorChain } from '@kvmkit/virtio';
+
+/** virtio-blk feature bits (§5.2.3). */
+export const VIRTIO_BLK_F = {
+  SIZE_MAX: 1,
+  SEG_MAX: 2,
+  GEOMETRY: 4,
+  RO: 5,
+  BLK_SIZE: 6,
+  FLUSH: 9,
+  TOPOLOGY: 10,
+  CONFIG_WCE: 11,
+  MQ: 12,
+  DISCARD: 13,
+  WRITE_ZEROES: 14,
+} as const;
+
+/** Request types (§5.2.6). */
+export const VIRTIO_BLK_T = { IN: 0, OUT: 1, FLUSH: 4, GET_ID: 8, DISCARD: 11, WRITE_ZEROES: 13 } as const;
+/** Request status byte. */
+export const VIRTIO_BLK_S = { OK: 0, IOERR: 1, UNSUPP: 2 } as const;
+
+export const SECTOR = 512;
+export const VIRTIO_BLK_ID_BYTES = 20;
+export const BLK_CONFIG_SIZE = 60;
+export const BLK_STATE_VERSION = 1;
+
+/** Config space offsets (§5.2.4). */
+export const BLK_CFG = {
+  capacity: 0,
+  size_max: 8,
+  seg_max: 12,
+  geometry: 16,
+  blk_size: 20,
+  topology: 24,
+  writeback: 32,
+  num_queues: 34,
+  max_discard_sectors: 36,
+  max_discard_seg: 40,
+  discard_sector_alignment: 44,
+  max_write_zeroes_sectors: 48,
+  max_write_zeroes_seg: 52,
+  write_zeroes_may_unmap: 56,
+} as const;
+
+export interface BlkDeviceOptions {
+  path: string;
+  readOnly: boolean;
+  direct: boolean;
+  serial: string;
+  queueSize: number;
+  /** Largest data segment (config size_max). */
+  sizeMax: number;
+  /** Most data segments per request (config seg_max). */
+  segMax: number;
+  /** Most sectors per DISCARD / WRITE_ZEROES segment. */
+  maxDiscardSectors: number;
+  log: Logger;
+}
+
+export interface BlkStats {
+  reads: number;
+  writes: number;
+  flushes: number;
+  discards: number;
+  writeZeroes: number;
+  getIds: number;
+  errors: number;
+  unsupported: number;
+  bytesRead: number;
+  bytesWritten: number;
+}
+
+const ALIGN = 4096;
+
+/** A Buffer whose address is 4096-aligned (for O_DIRECT). */
+export function alignedBuffer(len: number): Buffer {
+  const raw = Buffer.allocUnsafeSlow(len + ALIGN);
+  const addr = ffi.bufferAddress(raw);
+  const off = Number((BigInt(ALIGN) - (addr % BigInt(ALIGN))) % BigInt(ALIGN));
+  const b = raw.subarray(off, off + len);
+  b.fill(0);
+  return b;
+}
+
+/**
+ * virtio-blk over a raw image file. Requests are parsed and validated on the main thread, their I/O runs on
+ * libuv's threadpool through fs.promises (the event loop never waits on the disk), and each request is
+ * completed (status byte, used ring, interrupt) when its I/O finishes, so completions come in finishing order.
+ * Guest data is copied: OUT payloads when the request is popped, IN payloads into guest memory only when the
+ * read finished and the queue was not reset meanwhile.
+ */
+export class VirtioBlk extends VirtioDevice {
+  readonly deviceId = VIRTIO_ID.BLOCK;
+  readonly name: string;
+  readonly queueSizes: number[];
+  readonly features: bigint;
+  readonly capacity: bigint; // sectors
+  readonly stats: BlkStats = { reads: 0, writes: 0, flushes: 0, discards: 0, writeZeroes: 0, getIds: 0, errors: 0, unsupported: 0, bytesRead: 0, bytesWritten: 0 };
+  /** Whether the file really was opened with O_DIRECT. */
+  direct = false;
+  private fh: fs.promises.FileHandle | undefined;
+  private readonly inflight = new Set<Promise<void>>();
+  private readonly idBytes: Uint8Array;
+  private closed = false;
+
+  private constructor(
+    readonly opts: BlkDeviceOptions,
+    size: number,
+    name: string,
+  ) {
+    super();
+    this.name = name;
+    this.queueSizes = [opts.queueSize];
+    this.capacity = BigInt(size / SECTOR);
+    let f = bit(VIRTIO_BLK_F.SIZE_MAX) | bit(VIRTIO_BLK_F.SEG_MAX) | bit(VIRTIO_BLK_F.BLK_SIZE) | bit(VIRTIO_BLK_F.FLUSH);
+    if (opts.readOnly) f |= bit(VIRTIO_BLK_F.RO);
+    else f |= bit(VIRTIO_BLK_F.DISCARD) | bit(VIRTIO_BLK_F.WRITE_ZEROES);
+    this.features = f;
+    const c = new DataView(new ArrayBuffer(BLK_CONFIG_SIZE));
+    c.setBigUint64(BLK_CFG.capacity, this.capacity, true);
+    c.setUint32(BLK_CFG.size_max, opts.sizeMax, true);
+    c.setUint32(BLK_CFG.seg_max, opts.segMax, true);
+    c.setUint32(BLK_CFG.blk_size, SECTOR, true);
+    c.setUint16(BLK_CFG.num_queues, 1, true);
+    c.setUint32(BLK_CFG.max_discard_sectors, opts.maxDiscardSectors, true);
+    c.setUint32(BLK_CFG.max_discard_seg, 1, true);
+    c.setUint32(BLK_CFG.discard_sector_alignment, 1, true);
+    c.setUint32(BLK_CFG.max_write_zeroes_sectors, opts.maxDiscardSectors, true);
+    c.setUint32(BLK_CFG.max_write_zeroes_seg, 1, true);
+    c.setUint8(BLK_CFG.write_zeroes_may_unmap, 0);
+    this.config = new Uint8Array(c.buffer);
+    this.idBytes = new Uint8Array(VIRTIO_BLK_ID_BYTES);
+    this.idBytes.set(new TextEncoder().encode(opts.serial).subarray(0, VIRTIO_BLK_ID_BYTES));
+  }
+
+  /** The open function used (tests replace it to simulate filesystems without O_DIRECT). */
+  static fsOpen: (p: string, flags: number) => Promise<fs.promises.FileHandle> = (p, flags) => fs.promises.open(p, flags);
+
+  /** Opens the image (O_DIRECT when asked and supported) and builds the device. */
+  static async open(opts: BlkDeviceOptions, name = 'virtio-blk'): Promise<VirtioBlk> {
+    const st = statImage(opts.path);
+    const base = opts.readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR;
+    let fh: fs.promises.FileHandle;
+    let direct = false;
+    const openErr = (e: unknown) =>
+      new KvmkitError('KVMKIT_ERR_VIRTIO_BLK_FILE', `virtio-blk: cannot open ${opts.path}${opts.readOnly ? '' : ' for writing'}: ${(e as Error).message}`, {
+        cause: e,
+        details: { path: opts.path, code: (e as NodeJS.ErrnoException).code },
+      });
+    if (opts.direct) {
+      try {
+        fh = await VirtioBlk.fsOpen(opts.path, base | fs.constants.O_DIRECT);
+        direct = true;
+      } catch (e) {
+        if ((e as NodeJS.ErrnoException).code !== 'EINVAL') throw openErr(e);
+        opts.log.warn({ path: opts.path }, 'O_DIRECT is not supported on this filesystem: using the page cache');
+        try {
+          fh = await VirtioBlk.fsOpen(opts.path, base);
+        } catch (e2) {
+          throw openErr(e2);
+        }
+      }
+    } else {
+      try {
+        fh = await VirtioBlk.fsOpen(opts.path, base);
+      } catch (e) {
+        throw openErr(e);
+      }
+    }
+    const dev = new VirtioBlk(opts, st.size, name);
+    dev.fh = fh;
+    dev.direct = direct;
+    return dev;
+  }
+
+  processQueue(q: number): void {
+    const vq = this.ctx.queue(q);
+    for (let c = vq.pop(); c; c = vq.pop()) {
+      if (c.writableLength < 1) {
+        // No room for a status byte: nothing can be reported; complete with 0 bytes so the ring moves on.
+        this.opts.log.warn({ head: c.head }, 'virtio-blk request without a status byte');
+        vq.pushUsed(c, 0);
+        this.ctx.signalUsed(q);
+        continue;
+      }
+      const p = this.handle(c).then(
+        (r) => this.complete(c, r.status, r.len),
+        (e) => {
+          this.opts.log.error({ err: e }, 'virtio-blk request failed');
+          this.complete(c, VIRTIO_BLK_S.IOERR, 0);
+        },
+      );
+      this.inflight.add(p);
+      void p.finally(() => this.inflight.delete(p));
+    }
+  }
+
+  /** Writes the status byte (last writable byte), pushes the used element, signals. */
+  private complete(c: DescriptorChain, status: number, dataLen: number): void {
+    if (this.closed || !c.valid || c.writableLength < 1) return;
+    const mem = this.ctx.memory;
+    if (mem.isClosed) return;
+    try {
+      c.write(mem, Uint8Array.of(status), c.writableLength - 1);
+      const vq = c.queue;
+      vq.pushUsed(c, dataLen + 1);
+      this.ctx.signalUsed(vq.index);
+    } catch (e) {
+      this.ctx.needsReset('virtio-blk completion failed', e);
+    }
+    if (status === VIRTIO_BLK_S.IOERR) this.stats.errors++;
+    if (status === VIRTIO_BLK_S.UNSUPP) this.stats.unsupported++;
+  }
+
+  private async handle(c: DescriptorChain): Promise<{ status: number; len: number }> {
+    const mem = this.ctx.memory;
+    const fh = this.fh;
+    if (c.readableLength < 16 || !fh) return { status: VIRTIO_BLK_S.IOERR, len: 0 };
+    const hdr = c.read(mem, 0, 16);
+    const hv = new DataView(hdr.buffer, hdr.byteOffset, 16);
+    const type = hv.getUint32(0, true);
+    const sector = hv.getBigUint64(8, true);
+    const outLen = c.readableLength - 16; // payload after the header
+    const inLen = c.writableLength - 1; // writable bytes before the status byte
+    const S = VIRTIO_BLK_S;
+    switch (type) {
+      case VIRTIO_BLK_T.IN: {
+        if (!this.checkSegments(c, true) || inLen % SECTOR !== 0 || !this.inRange(sector, inLen)) return { status: S.IOERR, len: 0 };
+        const buf = this.direct ? alignedBuffer(inLen) : Buffer.allocUnsafe(inLen);
+        let done = 0;
+        while (done < inLen) {
+          const { bytesRead } = await fh.read(buf, done, inLen - done, Number(sector) * SECTOR + done);
+          if (bytesRead === 0) break;
+          done += bytesRead;
+        }
+        if (done < inLen) buf.fill(0, done);
+        if (!c.valid || mem.isClosed) return { status: S.IOERR, len: 0 };
+        c.write(mem, buf);
+        this.stats.reads++;
+        this.stats.bytesRead += inLen;
+        return { status: S.OK, len: inLen };
+      }
+      case VIRTIO_BLK_T.OUT: {
+        if (this.opts.readOnly) return { status: S.IOERR, len: 0 };
+        if (!this.checkSegments(c, false) || outLen % SECTOR !== 0 || !this.inRange(sector, outLen)) return { status: S.IOERR, len: 0 };
+        const data = c.read(mem, 16, outLen);
+        const buf = this.direct ? alignedBuffer(outLen) : Buffer.from(data.buffer, data.byteOffset, data.byteLength);
+        if (this.direct) buf.set(data);
+        await writeAll(fh, buf, Number(sector) * SECTOR);
+        this.stats.writes++;
+        this.stats.bytesWritten += outLen;
+        return { status: S.OK, len: 0 };
+      }
+      case VIRTIO_BLK_T.FLUSH:
+        await fh.datasync();
+        this.stats.flushes++;
+        return { status: S.OK, len: 0 };
+      case VIRTIO_BLK_T.GET_ID: {
+        const n = Math.min(inLen, VIRTIO_BLK_ID_BYTES);
+        c.write(mem, this.idBytes.subarray(0, n));
+        this.stats.getIds++;
+        return { status: S.OK, len: n };
+      }
+      case VIRTIO_BLK_T.DISCARD:
+      case VIRTIO_BLK_T.WRITE_ZEROES: {
+        const isWz = type === VIRTIO_BLK_T.WRITE_ZEROES;
+        const feat = isWz ? VIRTIO_BLK_F.WRITE_ZEROES : VIRTIO_BLK_F.DISCARD;
+        if (!this.ctx.hasFeature(feat)) return { status: S.UNSUPP, len: 0 };
+        if (this.opts.readOnly) return { status: S.IOERR, len: 0 };
+        if (outLen === 0 || outLen % 16 !== 0 || outLen / 16 > 1) return { status: S.IOERR, len: 0 };
+        const seg = c.read(mem, 16, 16);
+        const sv = new DataView(seg.buffer, seg.byteOffset, 16);
+        const segSector = sv.getBigUint64(0, true);
+        const num = sv.getUint32(8, true);
+        const flags = sv.getUint32(12, true);
+        if (flags & ~1 || (!isWz && flags & 1)) return { status: S.UNSUPP, len: 0 };
+        if (num > this.opts.maxDiscardSectors || !this.inRange(segSector, num * SECTOR)) return { status: S.IOERR, len: 0 };
+        if (isWz) {
+          await this.writeZeroes(fh, Number(segSector) * SECTOR, num * SECTOR);
+          this.stats.writeZeroes++;
+        } else {
+          // Discard is advisory (§5.2.6.2): without fallocate(PUNCH_HOLE) through the kernel FFI it is a no-op.
+          this.stats.discards++;
+        }
+        return { status: S.OK, len: 0 };
+      }
+      default:
+        return { status: S.UNSUPP, len: 0 };
+    }
+  }
+
+  private async writeZeroes(fh: fs.promises.FileHandle, pos: number, len: number): Promise<void> {
+    const chunk = Math.min(len, 1 << 20);
+    const zero = this.direct ? alignedBuffer(chunk) : Buffer.alloc(chunk);
+    for (let off = 0; off < len; off += chunk) await writeAll(fh, zero.subarray(0, Math.min(chunk, len - off)), pos + off);
+  }
+
+  /** Data segments: count <= seg_max, each <= size_max. */
+  private checkSegments(c: DescriptorChain, isRead: boolean): boolean {
+    let segs = 0;
+    if (isRead) {
+      let left = c.writableLength - 1;
+      for (const b of c.writable) {
+        if (left <= 0) break;
+        const n = Math.min(b.len, left);
+        if (n > this.opts.sizeMax) return false;
+        if (n > 0) segs++;
+        left -= n;
+      }
+    } else {
+      let skip = 16;
+      for (const b of c.readable) {
+        const n = b.len - Math.min(skip, b.len);
+        skip -= Math.min(skip, b.len);
+        if (n > this.opts.sizeMax) return false;
+        if (n > 0) segs++;
+      }
+    }
+    return segs <= this.opts.segMax;
+  }
+
+  private inRange(sector: bigint, bytes: number): boolean {
+    const sectors = BigInt(Math.ceil(bytes / SECTOR));
+    return sector <= this.capacity && sector + sectors <= this.capacity;
+  }
+
+  override async quiesce(): Promise<void> {
+    while (this.inflight.size > 0) await Promise.allSettled([...this.inflight]);
+  }
+
+  get inflightCount(): number {
+    return this.inflight.size;
+  }
+
+  override saveState(): unknown {
+    return { version: BLK_STATE_VERSION, capacity: this.capacity, readOnly: this.opts.readOnly, stats: { ...this.stats } };
+  }
+
+  override restoreState(s: unknown): void {
+    const o = (s ?? {}) as { version?: unknown; capacity?: unknown; readOnly?: unknown; stats?: Partial<BlkStats> };
+    if (o.version !== BLK_STATE_VERSION) throw new KvmkitError('KVMKIT_ERR_STATE_FORMAT', `${this.name}: state version ${String(o.version)} is not supported`);
+    if (BigInt(o.capacity as bigint) !== this.capacity) {
+      throw new KvmkitError('KVMKIT_ERR_STATE_FORMAT', `${this.name}: saved capacity ${String(o.capacity)} sectors differs from the image (${this.capacity})`, {
+        details: { saved: String(o.capacity), image: String(this.capacity) },
+      });
+    }
+    if (o.stats) for (const k of Object.keys(this.stats) as (keyof BlkStats)[]) if (typeof o.stats[k] === 'number') this.stats[k] = o.stats[k]!;
+  }
+
+  override async close(): Promise<void> {
+    await this.quiesce();
+    this.closed = true;
+    const fh = this.fh;
+    this.fh = undefined;
+    await fh?.close();
+  }
+}
+
+async function writeAll(fh: fs.promises.FileHandle, buf: Uint8Array, pos: number): Promise<void> {
+  let done = 0;
+  while (done < buf.length) {
+    const { bytesWritten } = await fh.write(buf, done, buf.length - done, pos + done);
+    if (bytesWritten <= 0) throw new KvmkitError('KVMKIT_ERR_VIRTIO_BLK_IO', 'short write');
+    done += bytesWritten;
+  }
+}
+
+/** Checks an image path: exists, regular file, size a non-zero multiple of 512. Coded errors otherwise. */
+export function statImage(path: string): fs.Stats {
+  let st: fs.Stats;
+  try {
+    st = fs.statSync(path);
+  } catch (e) {
+    throw new KvmkitError('KVMKIT_ERR_VIRTIO_BLK_FILE', `virtio-blk: image ${path} cannot be read: ${(e as Error).message}`, {
+      cause: e,
+      details: { path, code: (e as NodeJS.ErrnoException).code },
+    });
+  }
+  if (!st.isFile()) throw new KvmkitError('KVMKIT_ERR_VIRTIO_BLK_FILE', `virtio-blk: image ${path} is not a regular file`, { details: { path } });
+  if (st.size === 0 || st.size % SECTOR !== 0) {
+    throw new KvmkitError('KVMKIT_ERR_VIRTIO_BLK_SIZE', `virtio-blk: image ${path} is ${st.size} bytes, not a non-zero multiple of 512`, { details: { path, size: st.size } });
+  }
+  return st;
+}

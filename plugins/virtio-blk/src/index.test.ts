@@ -1,0 +1,327 @@
+import { describe, it, expect, beforeAll, afterAll } from 'vitest';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { DeviceRegistry, GuestMemory, MmioBus, PioBus, PluginHost, StateReader, StateWriter, createHooks, defaultMemoryLayout, silentLogger, tapOnly, type MachineApi, type Vm, type Logger } from '@kvmkit/kernel';
+import { VirtioMmioTransport, VirtioTestDriver, VIRTIO_STATUS as S, MMIO, bit } from '@kvmkit/virtio';
+import virtioBlk, { VirtioBlk, VIRTIO_BLK_T as T, VIRTIO_BLK_S as ST, VIRTIO_BLK_F, BLK_CFG, validateBlkOptions, type VirtioBlkApi } from './index.js';
+
+let dir: string;
+const MiB = 1 << 20;
+
+function image(name: string, size: number, fill?: (b: Buffer) => void): string {
+  const p = path.join(dir, name);
+  const b = Buffer.alloc(size);
+  if (fill) fill(b);
+  else for (let i = 0; i < size; i += 512) b.writeUInt32LE(i / 512, i); // sector number at the start of each sector
+  fs.writeFileSync(p, b);
+  return p;
+}
+
+function capturingLog(): { log: Logger; warnings: string[] } {
+  const warnings: string[] = [];
+  const log = silentLogger();
+  const l = Object.assign(Object.create(log), { warn: (_o: unknown, msg?: string) => warnings.push(String(msg ?? _o)), child: () => l }) as Logger;
+  return { log: l, warnings };
+}
+
+async function dev(p: string, o: { readOnly?: boolean; direct?: boolean; serial?: string; sizeMax?: number; segMax?: number; log?: Logger } = {}) {
+  const log = o.log ?? silentLogger();
+  const d = await VirtioBlk.open({ path: p, readOnly: o.readOnly ?? false, direct: o.direct ?? false, serial: o.serial ?? 'disk0', queueSize: 64, sizeMax: o.sizeMax ?? MiB, segMax: o.segMax ?? 62, maxDiscardSectors: 1 << 22, log });
+  const mem = GuestMemory.anonymous(16 * MiB);
+  let irqs = 0;
+  const t = new VirtioMmioTransport(d, { memory: mem, raiseIrq: () => irqs++ });
+  const drv = new VirtioTestDriver(t, mem, 0x1000n);
+  expect(drv.init() & S.DRIVER_OK).toBe(S.DRIVER_OK);
+  return { d, mem, t, drv, irqs: () => irqs };
+}
+
+function hdr(type: number, sector: bigint | number): Uint8Array {
+  const b = Buffer.alloc(16);
+  b.writeUInt32LE(type, 0);
+  b.writeBigUInt64LE(BigInt(sector), 8);
+  return b;
+}
+
+/** Submits a request: header (+ out data) readable, (in data +) status writable. Returns status/data addresses. */
+function submit(drv: VirtioTestDriver, type: number, sector: bigint | number, o: { out?: Uint8Array; inLen?: number; inSegs?: number } = {}) {
+  const bufs: { len: number; data?: Uint8Array; write?: boolean }[] = [{ len: 16, data: hdr(type, sector) }];
+  if (o.out) bufs.push({ len: o.out.length, data: o.out });
+  const segs = o.inSegs ?? 1;
+  if (o.inLen) for (let i = 0; i < segs; i++) bufs.push({ len: o.inLen / segs, write: true });
+  bufs.push({ len: 1, write: true, data: Uint8Array.of(0xff) });
+  const { head, addrs } = drv.add(0, bufs);
+  return { head, status: addrs[addrs.length - 1]!, data: addrs.slice(o.out ? 2 : 1, -1) };
+}
+
+beforeAll(() => {
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'kvmkit-blk-'));
+});
+afterAll(() => {
+  fs.rmSync(dir, { recursive: true, force: true });
+});
+
+describe('virtio-blk device', () => {
+  it('config space: capacity, limits, features (rw vs ro)', async () => {
+    const p = image('cfg.img', 2 * MiB);
+    const { drv, d } = await dev(p, { sizeMax: 65536, segMax: 8 });
+    const cfg = Buffer.from(drv.readConfig(0, 60));
+    expect(cfg.readBigUInt64LE(BLK_CFG.capacity)).toBe(4096n);
+    expect(cfg.readUInt32LE(BLK_CFG.size_max)).toBe(65536);
+    expect(cfg.readUInt32LE(BLK_CFG.seg_max)).toBe(8);
+    expect(cfg.readUInt32LE(BLK_CFG.blk_size)).toBe(512);
+    const f = drv.deviceFeatures();
+    expect(f & bit(VIRTIO_BLK_F.FLUSH)).not.toBe(0n);
+    expect(f & bit(VIRTIO_BLK_F.DISCARD)).not.toBe(0n);
+    expect(f & bit(VIRTIO_BLK_F.RO)).toBe(0n);
+    await d.close();
+    const ro = await dev(p, { readOnly: true });
+    const fr = ro.drv.deviceFeatures();
+    expect(fr & bit(VIRTIO_BLK_F.RO)).not.toBe(0n);
+    expect(fr & bit(VIRTIO_BLK_F.WRITE_ZEROES)).toBe(0n);
+    await ro.d.close();
+  });
+
+  it('IN / OUT / FLUSH / GET_ID with correct status and used lengths', async () => {
+    const p = image('rw.img', MiB);
+    const { drv, mem, t, d } = await dev(p, { serial: 'serial-xyz' });
+    // read sectors 3..4 into two segments
+    const r = submit(drv, T.IN, 3, { inLen: 1024, inSegs: 2 });
+    drv.kick(0);
+    expect(drv.takeUsed(0)).toEqual([]); // asynchronous: nothing completed synchronously
+    await t.quiesce();
+    expect(drv.takeUsed(0)).toEqual([{ id: r.head, len: 1025 }]);
+    expect(mem.readU8(r.status)).toBe(ST.OK);
+    expect(mem.readU32(r.data[0]!)).toBe(3);
+    expect(mem.readU32(r.data[1]!)).toBe(4);
+    // write sector 7
+    const payload = Buffer.alloc(512, 0x5a);
+    const w = submit(drv, T.OUT, 7, { out: payload });
+    drv.kick(0);
+    await t.quiesce();
+    expect(drv.takeUsed(0)).toEqual([{ id: w.head, len: 1 }]);
+    expect(mem.readU8(w.status)).toBe(ST.OK);
+    const f = submit(drv, T.FLUSH, 0);
+    drv.kick(0);
+    await t.quiesce();
+    expect(mem.readU8(f.status)).toBe(ST.OK);
+    expect(fs.readFileSync(p).subarray(7 * 512, 8 * 512).equals(payload)).toBe(true);
+    const id = submit(drv, T.GET_ID, 0, { inLen: 20 });
+    drv.kick(0);
+    await t.quiesce();
+    expect(drv.takeUsed(0).at(-1)).toEqual({ id: id.head, len: 21 });
+    expect(Buffer.from(mem.read(id.data[0]!, 20)).toString('latin1').replace(/\0+$/, '')).toBe('serial-xyz');
+    expect(d.stats).toMatchObject({ reads: 1, writes: 1, flushes: 1, getIds: 1, errors: 0 });
+    await t.close();
+  });
+
+  it('IOERR for out-of-range, non-512 lengths, short headers; UNSUPP for unknown types', async () => {
+    const p = image('err.img', 64 * 512);
+    const { drv, mem, t, d } = await dev(p);
+    const cases = [
+      submit(drv, T.IN, 63, { inLen: 1024 }), // runs past the end
+      submit(drv, T.IN, 0xffff_ffff_ffff_ffffn, { inLen: 512 }), // wraps
+      submit(drv, T.OUT, 64, { out: new Uint8Array(512) }), // starts at the end
+      submit(drv, T.IN, 0, { inLen: 100 }), // not a multiple of 512
+      submit(drv, T.OUT, 0, { out: new Uint8Array(700) }),
+    ];
+    const shortHdr = drv.add(0, [{ len: 8, data: new Uint8Array(8) }, { len: 1, write: true, data: Uint8Array.of(0xff) }]);
+    const unk = submit(drv, 99, 0);
+    drv.kick(0);
+    await t.quiesce();
+    for (const c of cases) expect(mem.readU8(c.status)).toBe(ST.IOERR);
+    expect(mem.readU8(shortHdr.addrs[1]!)).toBe(ST.IOERR);
+    expect(mem.readU8(unk.status)).toBe(ST.UNSUPP);
+    expect(drv.takeUsed(0)).toHaveLength(7);
+    expect(d.stats.errors).toBe(6);
+    expect(t.status & S.DEVICE_NEEDS_RESET).toBe(0);
+    await t.close();
+  });
+
+  it('enforces seg_max and size_max', async () => {
+    const p = image('seg.img', MiB);
+    const { drv, mem, t } = await dev(p, { sizeMax: 1024, segMax: 2 });
+    const a = submit(drv, T.IN, 0, { inLen: 2048, inSegs: 1 }); // segment > size_max
+    const b = submit(drv, T.IN, 0, { inLen: 1536, inSegs: 3 }); // 3 segments > seg_max
+    const c = submit(drv, T.IN, 0, { inLen: 2048, inSegs: 2 }); // fine
+    drv.kick(0);
+    await t.quiesce();
+    expect([mem.readU8(a.status), mem.readU8(b.status), mem.readU8(c.status)]).toEqual([ST.IOERR, ST.IOERR, ST.OK]);
+    await t.close();
+  });
+
+  it('WRITE_ZEROES zeroes, DISCARD succeeds, flags are checked; read-only refuses all writes with IOERR', async () => {
+    const p = image('wz.img', MiB, (b) => b.fill(0xee));
+    const { drv, mem, t } = await dev(p);
+    const seg = (sector: number, num: number, flags = 0) => {
+      const b = Buffer.alloc(16);
+      b.writeBigUInt64LE(BigInt(sector), 0);
+      b.writeUInt32LE(num, 8);
+      b.writeUInt32LE(flags, 12);
+      return b;
+    };
+    const wz = submit(drv, T.WRITE_ZEROES, 0, { out: seg(10, 4) });
+    const dc = submit(drv, T.DISCARD, 0, { out: seg(20, 8) });
+    const dcUnmap = submit(drv, T.DISCARD, 0, { out: seg(20, 8, 1) });
+    const wzBad = submit(drv, T.WRITE_ZEROES, 0, { out: seg(2047, 4) });
+    drv.kick(0);
+    await t.quiesce();
+    expect([wz, dc, dcUnmap, wzBad].map((x) => mem.readU8(x.status))).toEqual([ST.OK, ST.OK, ST.UNSUPP, ST.IOERR]);
+    const img = fs.readFileSync(p);
+    expect(img.subarray(10 * 512, 14 * 512).every((x) => x === 0)).toBe(true);
+    expect(img[9 * 512 + 511]).toBe(0xee);
+    expect(img[14 * 512]).toBe(0xee);
+    await t.close();
+
+    const ro = await dev(p, { readOnly: true });
+    const w = submit(ro.drv, T.OUT, 0, { out: new Uint8Array(512) });
+    const z = submit(ro.drv, T.WRITE_ZEROES, 0, { out: seg(0, 1) });
+    const rd = submit(ro.drv, T.IN, 10, { inLen: 512 });
+    const fl = submit(ro.drv, T.FLUSH, 0);
+    ro.drv.kick(0);
+    await ro.t.quiesce();
+    expect(ro.mem.readU8(w.status)).toBe(ST.IOERR);
+    expect(ro.mem.readU8(z.status)).toBe(ST.UNSUPP); // WRITE_ZEROES is not offered read-only
+    expect(ro.mem.readU8(rd.status)).toBe(ST.OK);
+    expect(ro.mem.readU8(fl.status)).toBe(ST.OK);
+    expect(fs.readFileSync(p)[0]).toBe(0xee);
+    await ro.t.close();
+  });
+
+  it('completes requests in the order their I/O finishes (a fast GET_ID overtakes a big read)', async () => {
+    const p = image('order.img', 8 * MiB);
+    const { drv, t } = await dev(p);
+    const big = submit(drv, T.IN, 0, { inLen: 8 * MiB - 4096, inSegs: 8 });
+    const id = submit(drv, T.GET_ID, 0, { inLen: 20 });
+    drv.kick(0);
+    await t.quiesce();
+    const used = drv.takeUsed(0).map((u) => u.id);
+    expect(used).toEqual([id.head, big.head]);
+    await t.close();
+  });
+
+  it('direct: true uses O_DIRECT on ext4 and falls back with a warning on tmpfs', async () => {
+    const p = image('direct.img', MiB);
+    const a = await dev(p, { direct: true });
+    expect(a.d.direct).toBe(true);
+    const r = submit(a.drv, T.IN, 5, { inLen: 4096 });
+    const w = submit(a.drv, T.OUT, 100, { out: Buffer.alloc(1024, 7) });
+    a.drv.kick(0);
+    await a.t.quiesce();
+    expect(a.mem.readU8(r.status)).toBe(ST.OK);
+    expect(a.mem.readU32(r.data[0]!)).toBe(5);
+    expect(a.mem.readU8(w.status)).toBe(ST.OK);
+    expect(fs.readFileSync(p)[100 * 512]).toBe(7);
+    await a.t.close();
+    // tmpfs rejects O_DIRECT with EINVAL on kernels before 6.6; simulate that filesystem to test the fallback.
+    const realOpen = VirtioBlk.fsOpen;
+    VirtioBlk.fsOpen = async (file, flags) => {
+      if (flags & fs.constants.O_DIRECT) throw Object.assign(new Error('EINVAL: invalid argument, open'), { code: 'EINVAL' });
+      return realOpen(file, flags);
+    };
+    try {
+      const { log, warnings } = capturingLog();
+      const b = await dev(p, { direct: true, log });
+      expect(b.d.direct).toBe(false);
+      expect(warnings.some((x) => /O_DIRECT/.test(x))).toBe(true);
+      const r2 = submit(b.drv, T.IN, 100, { inLen: 512 });
+      b.drv.kick(0);
+      await b.t.quiesce();
+      expect(b.mem.readU8(r2.status)).toBe(ST.OK);
+      expect(b.mem.readU8(r2.data[0]!)).toBe(7);
+      await b.t.close();
+    } finally {
+      VirtioBlk.fsOpen = realOpen;
+    }
+  });
+
+  it('save/restore mid-traffic: pause completes in-flight requests before the state is written', async () => {
+    const p = image('snap.img', 8 * MiB);
+    const a = await dev(p);
+    const reqs = [];
+    for (let i = 0; i < 20; i++) reqs.push(submit(a.drv, i % 2 ? T.OUT : T.IN, i * 64, i % 2 ? { out: Buffer.alloc(32 * 1024, i) } : { inLen: 32 * 1024 }));
+    a.drv.kick(0);
+    expect(a.d.inflightCount).toBe(20);
+    await a.t.pause();
+    expect(a.d.inflightCount).toBe(0);
+    // more work arrives while paused: remembered, not processed
+    const late = submit(a.drv, T.IN, 0, { inLen: 512 });
+    a.drv.kick(0);
+    expect(a.d.inflightCount).toBe(0);
+    const saved = a.t.saveState();
+    expect(saved.queues[0]!.usedIdx).toBe(20);
+    expect(saved.queues[0]!.lastAvail).toBe(20);
+    for (const r of reqs) expect(a.mem.readU8(r.status)).toBe(ST.OK);
+    // restore into a fresh device on a copy of guest memory
+    const w = new StateWriter();
+    w.write('virtio-blk', 1, saved);
+    const d2 = await VirtioBlk.open({ path: p, readOnly: false, direct: false, serial: 'x', queueSize: 64, sizeMax: MiB, segMax: 62, maxDiscardSectors: 1 << 22, log: silentLogger() });
+    const mem2 = GuestMemory.anonymous(16 * MiB);
+    mem2.write(0, a.mem.read(0, 16 * MiB));
+    const t2 = new VirtioMmioTransport(d2, { memory: mem2 });
+    await t2.pause();
+    t2.restoreState(new StateReader(w.sections).read('virtio-blk', 1));
+    expect(d2.stats.writes).toBe(10);
+    t2.resume(); // picks up the request made available while paused
+    await t2.quiesce();
+    expect(mem2.readU8(late.status)).toBe(ST.OK);
+    expect(mem2.readU16(a.drv.queues[0]!.used + 2n)).toBe(21);
+    await t2.close();
+    await a.t.close();
+    // a state for another image size is refused
+    const other = image('other.img', MiB);
+    const d3 = await VirtioBlk.open({ path: other, readOnly: false, direct: false, serial: 'x', queueSize: 64, sizeMax: MiB, segMax: 62, maxDiscardSectors: 1 << 22, log: silentLogger() });
+    expect(() => d3.restoreState(saved.device)).toThrow(expect.objectContaining({ code: 'KVMKIT_ERR_STATE_FORMAT' }));
+    await d3.close();
+  });
+});
+
+describe('virtio-blk plugin', () => {
+  it('rejects bad options and images with coded errors', () => {
+    const notMult = image('odd.img', 1000);
+    const empty = image('empty.img', 0);
+    const cases: Array<[unknown, string]> = [
+      [{}, 'KVMKIT_ERR_PLUGIN_OPTIONS'],
+      [{ path: path.join(dir, 'missing.img') }, 'KVMKIT_ERR_VIRTIO_BLK_FILE'],
+      [{ path: dir }, 'KVMKIT_ERR_VIRTIO_BLK_FILE'],
+      [{ path: notMult }, 'KVMKIT_ERR_VIRTIO_BLK_SIZE'],
+      [{ path: empty }, 'KVMKIT_ERR_VIRTIO_BLK_SIZE'],
+      [{ path: notMult, id: 'bad id!' }, 'KVMKIT_ERR_PLUGIN_OPTIONS'],
+      [{ path: image('q.img', 512), queueSize: 100 }, 'KVMKIT_ERR_PLUGIN_OPTIONS'],
+      [{ path: image('q2.img', 512), bogus: true }, 'KVMKIT_ERR_PLUGIN_OPTIONS'],
+    ];
+    for (const [o, code] of cases) expect(() => validateBlkOptions(o), JSON.stringify(o)).toThrow(expect.objectContaining({ code }));
+    // through the plugin host, the image error keeps its own code
+    const host = new PluginHost('0.1.0');
+    expect(() => host.register(virtioBlk({ path: notMult }))).toThrow(expect.objectContaining({ code: 'KVMKIT_ERR_VIRTIO_BLK_SIZE' }));
+  });
+
+  it('several disks per VM: distinct names, windows, IRQs and cmdline entries', async () => {
+    const hooks = createHooks();
+    const provided = new Map<string, unknown>();
+    const machine = { name: 't', hooks: tapOnly(hooks), log: silentLogger(), provide: (n: string, a: unknown) => provided.set(n, a) } as unknown as MachineApi;
+    const mem = GuestMemory.anonymous(4 * MiB);
+    const mmio = new MmioBus();
+    const vm = { hasIrqchip: false, ioeventfd() { throw new Error('no kvm'); }, irqfd() {}, irqLine() {} } as unknown as Vm;
+    const reg = new DeviceRegistry(new PioBus(), mmio, mem, vm, defaultMemoryLayout(64), silentLogger());
+    const host = new PluginHost('0.1.0');
+    const a = host.register(virtioBlk({ path: image('a.img', MiB), id: 'a' }));
+    const b = host.register(virtioBlk({ path: image('b.img', 2 * MiB), id: 'b', readOnly: true }));
+    expect([a.name, b.name]).toEqual(['virtio-blk-a', 'virtio-blk-b']);
+    for (const p of [a, b]) await p.apply(machine, { log: silentLogger(), options: p.options });
+    await hooks.devices.promise(reg);
+    expect(mmio.list().map((e) => e.name)).toEqual(['virtio-blk-a', 'virtio-blk-b']);
+    expect(reg.cmdlineParts).toHaveLength(2);
+    expect(reg.cmdlineParts[0]).toMatch(/^virtio_mmio\.device=4K@0x[0-9a-f]+:5$/);
+    expect(reg.cmdlineParts[1]).toMatch(/^virtio_mmio\.device=4K@0x[0-9a-f]+:6$/);
+    const apiB = provided.get('virtio-blk-b') as VirtioBlkApi;
+    expect(apiB.device!.capacity).toBe(4096n);
+    const base = Number(mmio.list()[1]!.base);
+    const drv = new VirtioTestDriver({ read: (o, d) => mmio.read(base + o, d), write: (o, d) => mmio.write(base + o, d) }, mem, 0x1000n);
+    expect(drv.r32(MMIO.DEVICE_ID)).toBe(2);
+    const w = new StateWriter();
+    await hooks.saveState.promise(w);
+    expect([...w.sections.keys()]).toEqual(['virtio-blk-a', 'virtio-blk-b']);
+    await hooks.afterStop.promise(machine);
+  });
+});
