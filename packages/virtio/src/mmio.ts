@@ -90,6 +90,11 @@ export class VirtioMmioTransport implements BusDevice {
     device.attach(ctx);
   }
 
+  /** How notifications and interrupts are wired: ioeventfds registered, irqfd in use. */
+  get wiring(): { ioeventfds: number; irqfd: boolean } {
+    return { ioeventfds: this.kvm?.notifyFds.length ?? 0, irqfd: this.irqEventFd !== undefined };
+  }
+
   get isPaused(): boolean {
     return this.paused;
   }
