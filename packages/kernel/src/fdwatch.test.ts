@@ -78,6 +78,28 @@ describe('fdwatch', () => {
     efd.close();
   });
 
+  it('setActive(false) suspends callbacks (the fd stays readable), setActive(true) resumes them', async () => {
+    const efd = new EventFd();
+    let calls = 0;
+    const w = watchFd(efd.fd, () => {
+      calls++;
+      if (calls > 1) efd.drain();
+    });
+    efd.signal();
+    for (let i = 0; i < 5 && calls === 0; i++) await tick();
+    expect(calls).toBe(1); // not drained: level-triggered, would fire again
+    w.setActive(false);
+    expect(w.active).toBe(false);
+    const c = calls;
+    for (let i = 0; i < 5; i++) await tick();
+    expect(calls).toBe(c);
+    w.setActive(true);
+    for (let i = 0; i < 5 && calls === c; i++) await tick();
+    expect(calls).toBe(c + 1);
+    w.close();
+    efd.close();
+  });
+
   it('routes a throwing callback to onError and keeps running', async () => {
     const efd = new EventFd();
     const errors: unknown[] = [];

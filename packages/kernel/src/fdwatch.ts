@@ -25,6 +25,9 @@ export interface FdWatch {
   /** Whether the watch keeps the Node process alive (default true, like a socket). */
   ref(): void;
   unref(): void;
+  /** Stops (false) or restarts (true) polling without giving the handle up, e.g. while a device has no buffers. */
+  setActive(active: boolean): void;
+  readonly active: boolean;
   readonly closed: boolean;
 }
 
@@ -40,6 +43,7 @@ interface Entry {
   onReadable: () => void;
   onError: ((err: unknown) => void) | undefined;
   closed: boolean;
+  active: boolean;
 }
 
 const live = new Map<bigint, Entry>();
@@ -70,7 +74,7 @@ function report(e: Entry, err: unknown): void {
 
 function onPoll(handle: bigint, status: number, _events: number): void {
   const e = live.get(handle);
-  if (!e || e.closed) return;
+  if (!e || e.closed || !e.active) return;
   if (status < 0) {
     report(e, new KvmkitError('KVMKIT_ERR_SYSCALL', `uv_poll on fd ${e.fd} failed: ${ffi.uvStrerror(status)}`, { details: { fd: e.fd, status } }));
     return;
@@ -99,7 +103,7 @@ export function watchFd(fd: number, onReadable: () => void, opts: WatchOptions =
     throw new KvmkitError('KVMKIT_ERR_SYSCALL', `uv_poll_init(fd ${fd}) failed: ${ffi.uvStrerror(opened.error)}`, { details: { fd, status: opened.error } });
   }
   const handle = opened.handle;
-  const entry: Entry = { fd, onReadable, onError: opts.onError, closed: false };
+  const entry: Entry = { fd, onReadable, onError: opts.onError, closed: false, active: true };
   live.set(handle, entry);
   const r = ffi.uvPollStart(handle, ffi.UV_READABLE);
   if (r < 0) {
@@ -119,6 +123,22 @@ export function watchFd(fd: number, onReadable: () => void, opts: WatchOptions =
     },
     unref() {
       if (!entry.closed) ffi.uvRef(handle, false);
+    },
+    get active() {
+      return entry.active && !entry.closed;
+    },
+    setActive(active: boolean) {
+      if (entry.closed || entry.active === active) return;
+      entry.active = active;
+      if (!active) {
+        ffi.uvPollStop(handle);
+        return;
+      }
+      const r = ffi.uvPollStart(handle, ffi.UV_READABLE);
+      if (r < 0) {
+        entry.active = false;
+        throw new KvmkitError('KVMKIT_ERR_SYSCALL', `uv_poll_start(fd ${fd}) failed: ${ffi.uvStrerror(r)}`, { details: { fd, status: r } });
+      }
     },
     close() {
       if (entry.closed) return;
