@@ -315,6 +315,8 @@ describe.skipIf(!haveKernels)('boot-linux with the guest kernels', () => {
       expect(await codeOf(boot({ kernel: bad('old', old) }, ctxFor(128, 1, '')))).toMatchObject({ code: 'KVMKIT_ERR_IMAGE', reason: 'old-protocol' });
       const k32 = patched(bz, (dv) => dv.setUint16(0x236, dv.getUint16(0x236, true) & ~1, true));
       expect(await codeOf(boot({ kernel: bad('k32', k32) }, ctxFor(128, 1, '')))).toMatchObject({ code: 'KVMKIT_ERR_IMAGE', reason: 'not-64bit' });
+      const longHdr = patched(bz, (_dv, b) => { b[0x201] = 0xff; }); // header would run into the e820 table
+      expect(await codeOf(boot({ kernel: bad('longhdr', longHdr) }, ctxFor(128, 1, '')))).toMatchObject({ code: 'KVMKIT_ERR_IMAGE', reason: 'bad-header' });
     });
 
     it('wrong ELF machine or class', async () => {

@@ -83,7 +83,8 @@ export function parseBzImage(img: Uint8Array, path: string): BzImageInfo {
   }
   // The header ends at 0x202 + the byte at 0x201 (the jump instruction's offset).
   const headerEnd = 0x202 + img[0x201]!;
-  if (headerEnd < HDR.init_size + 4 || headerEnd > 0x1000) {
+  // It must reach init_size (protocol 2.10+) and stay inside boot_params' hdr area (edd_mbr_sig_buffer is at 0x290).
+  if (headerEnd < HDR.init_size + 4 || headerEnd > 0x290) {
     throw imageError(path, 'bad-header', `setup header end ${hex(headerEnd)} is implausible`, { headerEnd });
   }
   let setupSects = img[HDR.setup_sects]!;
