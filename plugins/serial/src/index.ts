@@ -414,6 +414,8 @@ export default function serial(options: SerialOptions = {}): Plugin {
       machine.hooks.beforeRun.tapPromise(name, async () => {
         if (inputMode === 'stdin' || (inputMode === 'auto' && process.stdin.isTTY)) stdin.start();
       });
+      // A start() that fails after beforeRun never reaches afterStop: give the terminal back here too.
+      machine.hooks.failed.tap(name, () => stdin.stop());
       machine.hooks.afterStop.tapPromise(name, async () => {
         stdin.stop();
         out.close();

@@ -1,5 +1,10 @@
 import { describe, it, expect } from 'vitest';
-import { existsSync } from 'node:fs';
+import { existsSync, mkdtempSync, writeFileSync, rmSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { createRequire } from 'node:module';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Machine, silentLogger, type Plugin, type Segment, type StopReason } from '@kvmkit/kernel';
 import serial, { type SerialApi } from './index.js';
 
@@ -80,7 +85,53 @@ function irqCode(): Uint8Array {
   ]);
 }
 
+/** l: in al,0x3fd; test al,1 (DR); jz l; in al,0x3f8; out 0xf4,al; hlt — exits with the first received byte. */
+const ECHO_CODE = [0xba, 0xfd, 0x03, 0xec, 0xa8, 0x01, 0x74, 0xf8, 0xba, 0xf8, 0x03, 0xec, 0xe6, 0xf4, 0xf4];
+
 describe.skipIf(!hasKvm)('serial on /dev/kvm', () => {
+  it('inject() reaches a guest polling LSR.DR', async () => {
+    const m = new Machine({
+      config: { name: 'serial-inject', memory: 16, cpus: 1 },
+      plugins: [testPlatform(false), serial({ output: 'none', console: false, input: 'none' }), realModeBoot(Uint8Array.from(ECHO_CODE))],
+      log: silentLogger(),
+    });
+    await m.start();
+    m.api.use<SerialApi>('serial')!.inject('Z');
+    const t = setTimeout(() => void m.stop({ reason: 'user', exitCode: 99 }), 30_000);
+    const r = await m.waitForStop();
+    clearTimeout(t);
+    expect(r).toMatchObject({ reason: 'guest-exit', exitCode: 0x5a });
+  });
+
+  it("input: 'stdin' feeds the guest from the process's stdin (a pipe)", () => {
+    const dir = mkdtempSync(join(tmpdir(), 'kvmkit-serial-stdin-'));
+    try {
+      const kernel = pathToFileURL(createRequire(import.meta.url).resolve('@kvmkit/kernel')).href;
+      const plugin = pathToFileURL(fileURLToPath(new URL('../dist/index.js', import.meta.url))).href;
+      const script = join(dir, 'run.mjs');
+      writeFileSync(script, `
+        import { Machine, silentLogger } from ${JSON.stringify(kernel)};
+        import serial from ${JSON.stringify(plugin)};
+        const seg = (type) => ({ base: 0n, limit: 0xffff, selector: 0, type, present: 1, dpl: 0, db: 0, s: 1, l: 0, g: 0, avl: 0, unusable: 0 });
+        const boot = { name: 'b', version: '0.1.0', provides: ['firmware'], apply(m) {
+          m.hooks.devices.tap('b', (reg) => reg.addPio(0xf4, 1, { read() {}, write: (_o, d) => m.requestStop({ reason: 'guest-exit', exitCode: d[0] }) }, 'exit'));
+          m.hooks.boot.tapPromise('b', async (ctx) => { ctx.memory.write(0x1000, Uint8Array.from(${JSON.stringify(ECHO_CODE)}));
+            return { loader: 't', vcpus: [{ regs: { rip: 0x1000n, rsp: 0x8000n, rflags: 2n }, sregs: { cs: seg(0xb), ds: seg(3), es: seg(3), ss: seg(3) } }] }; }); } };
+        const m = new Machine({ config: { name: 'stdin', memory: 16, cpus: 1 }, plugins: [serial({ input: 'stdin', output: 'none', console: false }), boot], log: silentLogger() });
+        await m.start();
+        const t = setTimeout(() => void m.stop({ reason: 'user', exitCode: 99 }), 20000);
+        const r = await m.waitForStop();
+        clearTimeout(t);
+        process.exitCode = r.exitCode;
+      `);
+      const p = spawnSync(process.execPath, [script], { input: 'Q', timeout: 30_000 });
+      expect(p.stderr.toString()).toBe('');
+      expect(p.status).toBe(0x51); // 'Q' read from the pipe by the guest
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   it('guest bytes written to THR arrive in the sink, output() and waitFor(); cmdline gets console=ttyS0', async () => {
     const chunks: Uint8Array[] = [];
     const m = new Machine({
