@@ -77,9 +77,11 @@ export async function runDoctor(opts: DoctorOptions = {}): Promise<DoctorReport>
   // /dev/kvm
   const device = { path: devicePath, exists: false, accessible: false, detail: '' };
   let existsDetail = '';
+  let isChar = false;
   try {
     const st = statSync(devicePath);
     device.exists = true;
+    isChar = st.isCharacterDevice();
     existsDetail = st.isCharacterDevice() ? `character device ${st.rdev >> 8}:${st.rdev & 0xff}, mode ${(st.mode & 0o777).toString(8)}` : 'exists but is not a character device';
     try {
       accessSync(devicePath, constants.R_OK | constants.W_OK);
@@ -92,7 +94,7 @@ export async function runDoctor(opts: DoctorOptions = {}): Promise<DoctorReport>
     device.detail = 'missing: load kvm_intel/kvm_amd (or kvm_pvm), or enable virtualization in the firmware / the outer hypervisor';
     existsDetail = device.detail;
   }
-  checks.push({ name: `${devicePath} exists`, ok: device.exists, required: true, detail: existsDetail });
+  checks.push({ name: `${devicePath} exists`, ok: device.exists && isChar, required: true, detail: existsDetail });
   if (device.exists) checks.push({ name: `${devicePath} read-write`, ok: device.accessible, required: true, detail: device.accessible ? 'ok' : device.detail });
 
   // API version and capabilities
