@@ -262,3 +262,69 @@ export function uvRef(handle: bigint, ref: boolean): void {
 export function uvStrerror(err: number): string {
   return String(c_uv_strerror(err));
 }
+
+// ---- tuning (pinning/hugepages/numa) ----
+// Used by @kvmkit/plugin-hugepages and @kvmkit/plugin-numa. mbind/get_mempolicy have no glibc wrapper (they
+// live in libnuma), so they go through syscall(2), declared variadic as glibc declares it.
+const c_syscall_v = libc.func('long syscall(long nr, ...)');
+const SYS_mbind = 237;
+const SYS_get_mempolicy = 239;
+
+/** mmap flag bits selecting the huge page size with MAP_HUGETLB: log2(size) << MAP_HUGE_SHIFT. */
+export const MAP_HUGE_SHIFT = 26;
+export const MAP_HUGE_2MB = 21 << MAP_HUGE_SHIFT;
+export const MAP_HUGE_1GB = 30 << MAP_HUGE_SHIFT;
+/** memfd_create flags. */
+export const MFD_CLOEXEC = 1;
+export const MFD_HUGETLB = 4;
+export const MFD_HUGE_2MB = 21 << MAP_HUGE_SHIFT;
+export const MFD_HUGE_1GB = 30 << MAP_HUGE_SHIFT;
+/** NUMA memory policy modes (linux/mempolicy.h). */
+export const MPOL_DEFAULT = 0;
+export const MPOL_PREFERRED = 1;
+export const MPOL_BIND = 2;
+export const MPOL_INTERLEAVE = 3;
+export const MPOL_LOCAL = 4;
+export const MPOL_PREFERRED_MANY = 5;
+/** mbind flags. */
+export const MPOL_MF_STRICT = 1;
+export const MPOL_MF_MOVE = 2;
+/** get_mempolicy flags. */
+export const MPOL_F_NODE = 1;
+export const MPOL_F_ADDR = 2;
+/** Bits in the node masks passed to mbind/get_mempolicy (1024 nodes, the kernel's MAX_NUMNODES ceiling). */
+const NODEMASK_BITS = 1024;
+
+/** mbind(2) on [addr, addr+len): 0 or -errno. `nodes` may be empty for MPOL_DEFAULT / MPOL_LOCAL. */
+export function mbind(addr: bigint, len: number, mode: number, nodes: readonly number[], flags = 0): number {
+  const mask = Buffer.alloc(NODEMASK_BITS / 8);
+  for (const n of nodes) {
+    if (!Number.isInteger(n) || n < 0 || n >= NODEMASK_BITS) return -22; // EINVAL
+    mask[n >> 3]! |= 1 << (n & 7);
+  }
+  // SAFETY: `mask` is read by the kernel during the call only; addr/len name a mapping the caller owns.
+  // maxnode is the number of bits + 1 (the kernel's historical off-by-one).
+  const r = Number(c_syscall_v(SYS_mbind, 'uint64_t', addr, 'uint64_t', BigInt(len), 'int', mode,
+    'void *', nodes.length > 0 ? mask : null, 'uint64_t', BigInt(nodes.length > 0 ? NODEMASK_BITS + 1 : 0), 'uint32_t', flags));
+  return r < 0 ? -errno() : 0;
+}
+
+/** get_mempolicy(2) for the policy that covers `addr` (MPOL_F_ADDR): its mode and node set. */
+export function getMempolicy(addr: bigint): { mode: number; nodes: number[] } {
+  const mode = Buffer.alloc(4);
+  const mask = Buffer.alloc(NODEMASK_BITS / 8);
+  // SAFETY: both buffers are written by the kernel during the call only.
+  const r = Number(c_syscall_v(SYS_get_mempolicy, 'void *', mode, 'void *', mask, 'uint64_t', BigInt(NODEMASK_BITS + 1), 'uint64_t', addr, 'uint64_t', BigInt(MPOL_F_ADDR)));
+  if (r < 0) throw sysFail('get_mempolicy', errno());
+  const nodes: number[] = [];
+  for (let i = 0; i < NODEMASK_BITS; i++) if (mask[i >> 3]! & (1 << (i & 7))) nodes.push(i);
+  return { mode: mode.readInt32LE(0), nodes };
+}
+
+/** mmap that returns -errno instead of throwing (huge page reservations fail with ENOMEM). */
+export function tryMmap(len: number, prot: number, flags: number, fd = -1, offset = 0): bigint | number {
+  // SAFETY: addr=NULL lets the kernel choose; the caller munmaps (addr, len).
+  const p = c_mmap(null, len, prot, flags, fd, offset) as bigint | null;
+  if (p === null || BigInt(p) === MAP_FAILED) return -errno();
+  return BigInt(p);
+}
