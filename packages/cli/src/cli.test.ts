@@ -209,6 +209,10 @@ describe('kvmkit (spawned bin)', () => {
     expect(f.vm).toEqual({ name: 'vm', memory: 256, cpus: 2 });
     expect(f.plugins.map((p: { key: string }) => p.key)).toEqual(['@kvmkit/plugin-serial', '@kvmkit/plugin-platform-pc', '@kvmkit/plugin-boot-linux']);
     expect(f.plugins[2].options).toEqual({ kernel: path.join(d, 'vmlinux'), initrd: path.join(d, 'x.cpio') });
+    // --host means config mode even with --kernel: the single VM of the file, plus the kernel flag.
+    const hostFlag = kvmkit(['run', '--dry-run', '--host', 'nope', '--kernel', 'vmlinux'], d);
+    expect(hostFlag.code).toBe(2);
+    expect(hostFlag.stderr).toMatch(/^error KVMKIT_ERR_CONFIG_HOST: .*the file defines no hosts/);
     const bare = JSON.parse(kvmkit(['run', '--dry-run', '--no-defaults', '--plugin', 'boot-flat:{"image":"g.bin"}'], d).stdout);
     expect(bare.plugins).toEqual([{ name: 'boot-flat', key: '@kvmkit/plugin-boot-flat', options: { image: path.join(d, 'g.bin') }, from: ['--plugin boot-flat:{"image":"g.bin"}'] }]);
   });
@@ -258,6 +262,14 @@ const HELLO_EXIT_42 = Uint8Array.from([
   0xb0, 0x2a, 0xe6, 0xf4, // out 0xf4, 42
   0xf4, 0xeb, 0xfd, // hlt; jmp
 ]);
+// Counts boots in the module (imported once per process, instantiated once per boot): resets twice, then exits 7.
+const REBOOT_PLUGIN = `let boots = 0;
+export default function rebooter() {
+  const boot = ++boots;
+  return { name: 'rebooter', version: '0.1.0', apply(m) {
+    m.hooks.devices.tap('rebooter', (reg) => reg.addPio(0xf4, 1, { read() {}, write: () => boot < 3 ? m.requestReset('test') : m.requestStop({ reason: 'guest-exit', exitCode: 7 }) }, 'rebooter'));
+  } };
+}\n`;
 const HALT = Uint8Array.from([0xf4, 0xeb, 0xfd]);
 const UD2 = Uint8Array.from([0x0f, 0x0b]);
 const SPIN = Uint8Array.from([0xeb, 0xfe]);
@@ -266,6 +278,7 @@ describe.skipIf(!hasKvm)('kvmkit run on /dev/kvm (boot-flat guests)', () => {
   const d = project({
     'exit-port.mjs': EXIT_PLUGIN,
     'flat.mjs': FLAT_PLUGIN,
+    'rebooter.mjs': REBOOT_PLUGIN,
     'hello.bin': HELLO_EXIT_42,
     'halt.bin': HALT,
     'ud2.bin': UD2,
@@ -275,6 +288,8 @@ describe.skipIf(!hasKvm)('kvmkit run on /dev/kvm (boot-flat guests)', () => {
         hello: { memory: 16, plugins: [{ name: './flat.mjs', options: { file: 'hello.bin' } }, 'serial', './exit-port.mjs'] },
         halt: { memory: 16, cpus: 2, plugins: [{ name: './flat.mjs', options: { file: './halt.bin' } }] },
         crash: { memory: 16, plugins: [{ name: './flat.mjs', options: { file: './ud2.bin' } }] },
+        reboot: { memory: 16, onReset: 'reboot', plugins: [{ name: './flat.mjs', options: { file: 'hello.bin' } }, './rebooter.mjs'] },
+        resetstop: { memory: 16, plugins: [{ name: './flat.mjs', options: { file: 'hello.bin' } }, './rebooter.mjs'] },
         spin: { memory: 16, plugins: [{ name: './flat.mjs', options: { file: './spin.bin' } }] },
       },
     }),
@@ -298,6 +313,14 @@ describe.skipIf(!hasKvm)('kvmkit run on /dev/kvm (boot-flat guests)', () => {
     expect(r.stderr).toBe('');
     expect(r.stdout).toBe('hi\n');
     expect(r.code).toBe(42);
+  });
+
+  it("onReset 'reboot': a guest reset starts a fresh machine (fresh plugins); 'stop' (default) exits 0", () => {
+    const r = spawnSync(process.execPath, [BIN, 'run', 'reboot', '--log-level', 'info'], { cwd: d, encoding: 'utf8', timeout: 60_000 });
+    expect(r.status).toBe(7);
+    expect(r.stderr.match(/"msg":"VM running"/g)).toHaveLength(3);
+    const s = kvmkit(['run', 'resetstop'], d);
+    expect(s.code).toBe(0);
   });
 
   it('all vCPUs halted: exit 0', () => {

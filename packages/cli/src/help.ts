@@ -22,9 +22,9 @@ Starts a VM and waits until it stops. The exit code is the guest's: the value wr
 port (0xf4, plugin platform-pc), 0 for a halt, shutdown or clean stop, 1 for a triple fault or other guest
 error (printed as "error KVMKIT_ERR_…: …"), 130 on Ctrl-C (SIGINT), 143 on SIGTERM.
 
-Config mode (a vm name, --config, or neither --kernel nor --plugin given): the VM comes from the config
+Config mode (a vm name, --config or --host given, or neither --kernel nor --plugin): the VM comes from the config
 file, with the plugins of the host section that matches this host; flags override its values.
-Flag-only mode (no vm name, no --config, and --kernel or --plugin given): no config file is read; the VM is
+Flag-only mode (no vm name, --config or --host, and --kernel or --plugin given): no config file is read; the VM is
 built from the flags and gets the serial and platform-pc plugins by default (--no-defaults leaves them out).
 
 Options:

@@ -31,7 +31,7 @@ export interface Plan {
 
 /** Whether `run` works from flags alone (see RUN_HELP). */
 export function isFlagOnly(a: RunArgs): boolean {
-  return a.vm === undefined && a.config === undefined && (a.kernel !== undefined || a.plugins.length > 0);
+  return a.vm === undefined && a.config === undefined && a.host === undefined && (a.kernel !== undefined || a.plugins.length > 0);
 }
 
 function flagSpecs(a: RunArgs, cwd: string): ResolvedPluginSpec[] {
