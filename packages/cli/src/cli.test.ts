@@ -323,6 +323,15 @@ describe.skipIf(!hasKvm)('kvmkit run on /dev/kvm (boot-flat guests)', () => {
     expect(s.code).toBe(0);
   });
 
+  it('runtime errors from start(): exit 1 with the code (no firmware; no /dev/kvm)', () => {
+    const r = kvmkit(['run', '--no-defaults', '--plugin', 'serial'], d);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/^error KVMKIT_ERR_NO_FIRMWARE: /m);
+    const k = spawnSync(process.execPath, [BIN, 'run', 'halt'], { cwd: d, encoding: 'utf8', env: { ...process.env, KVMKIT_LOG_LEVEL: 'silent', KVMKIT_KVM_DEVICE: path.join(d, 'no-kvm') } });
+    expect(k.status).toBe(1);
+    expect(k.stderr).toMatch(/^error KVMKIT_ERR_KVM_UNAVAILABLE: .*no-kvm/m);
+  });
+
   it('all vCPUs halted: exit 0', () => {
     const r = kvmkit(['run', 'halt'], d);
     expect(r.stderr).toBe('');
