@@ -9,6 +9,12 @@ export interface VirtioDeviceContext {
   /** Features the driver accepted (valid once FEATURES_OK). */
   readonly driverFeatures: bigint;
   hasFeature(bitNumber: number): boolean;
+  /**
+   * True while the device may touch the rings: DRIVER_OK, not DEVICE_NEEDS_RESET/FAILED, not paused, not
+   * closed. Devices fed by host events (e.g. a NIC's RX) check it and stop their sources when false; the
+   * transport kicks every queue again on resume.
+   */
+  readonly active: boolean;
   queue(index: number): Virtqueue;
   /** Raise a used-buffer interrupt for queue `q` if the driver wants one (EVENT_IDX / NO_INTERRUPT aware). */
   signalUsed(q: number): void;
@@ -53,6 +59,14 @@ export abstract class VirtioDevice {
     let f = this.features | bit(VIRTIO_F.VERSION_1);
     if (this.ringFeatures) f |= bit(VIRTIO_F.RING_INDIRECT_DESC) | bit(VIRTIO_F.RING_EVENT_IDX);
     return f;
+  }
+
+  /**
+   * Device-specific feature dependency check at FEATURES_OK (e.g. net: GUEST_TSO4 needs GUEST_CSUM).
+   * Returning false leaves FEATURES_OK clear, as the spec asks.
+   */
+  acceptFeatures(_features: bigint): boolean {
+    return true;
   }
 
   /** Config space read (bytes past the end read as 0). */

@@ -78,6 +78,9 @@ export class VirtioMmioTransport implements BusDevice {
         return self.driverFeatures;
       },
       hasFeature: (b) => (self.driverFeatures & bit(b)) !== 0n,
+      get active() {
+        return self.live && !self.paused;
+      },
       queue: (i) => {
         const q = self.queues[i];
         if (!q) throw new KvmkitError('KVMKIT_ERR_VIRTIO_CONFIG', `${device.name}: no queue ${i}`);
@@ -269,9 +272,9 @@ export class VirtioMmioTransport implements BusDevice {
   resume(): void {
     if (this.closed) return;
     this.paused = false;
-    const kicks = [...this.pendingKicks];
     this.pendingKicks.clear();
-    for (const q of kicks) this.notify(q);
+    // Every ready queue once: remembered notifications, and devices fed by host events restart their sources.
+    this.kickAll();
   }
 
   // ---- reset / status ----
@@ -307,7 +310,8 @@ export class VirtioMmioTransport implements BusDevice {
         (v & S.ACKNOWLEDGE) !== 0 &&
         (v & S.DRIVER) !== 0 &&
         (this.driverFeatures & ~this.offeredFeatures) === 0n &&
-        (this.driverFeatures & bit(VIRTIO_F.VERSION_1)) !== 0n;
+        (this.driverFeatures & bit(VIRTIO_F.VERSION_1)) !== 0n &&
+        this.acceptFeatures(this.driverFeatures);
       if (!ok) {
         this.log.debug({ features: this.driverFeatures.toString(16) }, 'FEATURES_OK refused');
         v &= ~S.FEATURES_OK;
@@ -326,6 +330,15 @@ export class VirtioMmioTransport implements BusDevice {
         return;
       }
       this.kickAll();
+    }
+  }
+
+  private acceptFeatures(f: bigint): boolean {
+    try {
+      return this.device.acceptFeatures(f);
+    } catch (e) {
+      this.log.error({ err: e }, 'acceptFeatures failed');
+      return false;
     }
   }
 

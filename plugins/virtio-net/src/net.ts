@@ -1,0 +1,238 @@
+import { KvmkitError, watchFd, type FdWatch, type Logger } from '@kvmkit/kernel';
+import { VIRTIO_ID, VirtioDevice, bit } from '@kvmkit/virtio';
+import { TUN, VNET_HDR_SIZE, type Tap } from './tap.js';
+
+/** virtio-net feature bits (§5.1.3). */
+export const VIRTIO_NET_F = {
+  CSUM: 0,
+  GUEST_CSUM: 1,
+  MAC: 5,
+  GUEST_TSO4: 7,
+  GUEST_TSO6: 8,
+  GUEST_ECN: 9,
+  GUEST_UFO: 10,
+  HOST_TSO4: 11,
+  HOST_TSO6: 12,
+  HOST_ECN: 13,
+  HOST_UFO: 14,
+  MRG_RXBUF: 15,
+  STATUS: 16,
+  CTRL_VQ: 17,
+} as const;
+
+export const VIRTIO_NET_S_LINK_UP = 1;
+export const VIRTIO_NET_HDR_F_NEEDS_CSUM = 1;
+export const NET_STATE_VERSION = 1;
+/** Largest frame handled: 64 KiB GSO frame + Ethernet/VLAN header. */
+export const MAX_FRAME = 65536 + 14 + 4;
+export const RXQ = 0;
+export const TXQ = 1;
+
+export interface NetStats {
+  rxPackets: number;
+  rxBytes: number;
+  rxDropped: number;
+  txPackets: number;
+  txBytes: number;
+  txDropped: number;
+}
+
+export interface VirtioNetDeviceOptions {
+  mac: Uint8Array;
+  queueSize: number;
+  /** Offer checksum/TSO offloads (both directions). */
+  offload: boolean;
+  log: Logger;
+}
+
+/**
+ * virtio-net (§5.1) with one RX/TX queue pair over a TAP (IFF_VNET_HDR: the guest's 12-byte virtio_net_hdr is
+ * passed to and from the TAP unchanged, so checksum offload and TSO work end to end).
+ * TX: each chain (header + frame) is one write(2) to the TAP. RX: the TAP fd is watched on the main thread
+ * (fdwatch); frames go into posted RX chains; while the guest has no RX buffers the watch is suspended and at
+ * most one frame is held back, and the guest's next RX notification resumes it.
+ */
+export class VirtioNet extends VirtioDevice {
+  readonly deviceId = VIRTIO_ID.NET;
+  readonly name = 'virtio-net';
+  readonly queueSizes: number[];
+  readonly features: bigint;
+  readonly stats: NetStats = { rxPackets: 0, rxBytes: 0, rxDropped: 0, txPackets: 0, txBytes: 0, txDropped: 0 };
+  private readonly rxBuf = Buffer.alloc(VNET_HDR_SIZE + MAX_FRAME);
+  private held: Buffer | undefined;
+  private watch: FdWatch | undefined;
+  private linkUp = true;
+  private closed = false;
+
+  constructor(
+    readonly tap: Tap,
+    readonly opts: VirtioNetDeviceOptions,
+  ) {
+    super();
+    this.queueSizes = [opts.queueSize, opts.queueSize];
+    let f = bit(VIRTIO_NET_F.MAC) | bit(VIRTIO_NET_F.STATUS);
+    if (opts.offload) {
+      for (const b of [VIRTIO_NET_F.CSUM, VIRTIO_NET_F.GUEST_CSUM, VIRTIO_NET_F.HOST_TSO4, VIRTIO_NET_F.HOST_TSO6, VIRTIO_NET_F.GUEST_TSO4, VIRTIO_NET_F.GUEST_TSO6]) f |= bit(b);
+    }
+    this.features = f;
+    this.config = new Uint8Array(10); // mac[6], status le16, max_virtqueue_pairs le16
+    this.config.set(opts.mac, 0);
+    this.writeStatusField();
+    new DataView(this.config.buffer).setUint16(8, 1, true);
+  }
+
+  get mac(): string {
+    return [...this.config.subarray(0, 6)].map((b) => b.toString(16).padStart(2, '0')).join(':');
+  }
+
+  get link(): boolean {
+    return this.linkUp;
+  }
+
+  private writeStatusField(): void {
+    new DataView(this.config.buffer).setUint16(6, this.linkUp ? VIRTIO_NET_S_LINK_UP : 0, true);
+  }
+
+  /** Link up/down: updates config `status` and sends a config-change interrupt. */
+  setLink(up: boolean): void {
+    if (up === this.linkUp) return;
+    this.linkUp = up;
+    this.writeStatusField();
+    try {
+      this.ctx.configChanged();
+    } catch {
+      /* not attached yet */
+    }
+  }
+
+  override acceptFeatures(f: bigint): boolean {
+    const has = (b: number) => (f & bit(b)) !== 0n;
+    if ((has(VIRTIO_NET_F.GUEST_TSO4) || has(VIRTIO_NET_F.GUEST_TSO6)) && !has(VIRTIO_NET_F.GUEST_CSUM)) return false;
+    if ((has(VIRTIO_NET_F.HOST_TSO4) || has(VIRTIO_NET_F.HOST_TSO6)) && !has(VIRTIO_NET_F.CSUM)) return false;
+    return true;
+  }
+
+  /** TUNSETOFFLOAD flags matching what the driver accepted to receive. */
+  offloadFlags(): number {
+    const has = (b: number) => this.ctx.hasFeature(b);
+    let o = 0;
+    if (has(VIRTIO_NET_F.GUEST_CSUM)) {
+      o |= TUN.TUN_F_CSUM;
+      if (has(VIRTIO_NET_F.GUEST_TSO4)) o |= TUN.TUN_F_TSO4;
+      if (has(VIRTIO_NET_F.GUEST_TSO6)) o |= TUN.TUN_F_TSO6;
+    }
+    return o;
+  }
+
+  override activate(): void {
+    const o = this.offloadFlags();
+    const r = this.tap.setOffload(o);
+    if (r < 0) throw new KvmkitError('KVMKIT_ERR_VIRTIO_NET_TAP', `TUNSETOFFLOAD(0x${o.toString(16)}) failed: errno ${-r}`, { details: { errno: -r } });
+    if (!this.watch) this.watch = watchFd(this.tap.fd, () => this.rx(), { ref: false, onError: (e) => this.ctx.needsReset('virtio-net rx failed', e) });
+    else this.watch.setActive(true);
+    this.rx();
+  }
+
+  override reset(): void {
+    this.watch?.setActive(false);
+    this.held = undefined;
+    if (!this.closed) this.tap.setOffload(0);
+  }
+
+  processQueue(q: number): void {
+    if (q === TXQ) this.tx();
+    else if (q === RXQ) {
+      // New RX buffers: deliver a held frame, resume reading the TAP.
+      this.rx();
+    }
+  }
+
+  private tx(): void {
+    const vq = this.ctx.queue(TXQ);
+    const mem = this.ctx.memory;
+    for (let c = vq.pop(); c; c = vq.pop()) {
+      const n = c.readableLength;
+      if (n < VNET_HDR_SIZE || n > VNET_HDR_SIZE + MAX_FRAME || this.closed || !this.linkUp) {
+        this.stats.txDropped++;
+      } else {
+        const frame = c.read(mem);
+        const r = this.tap.write(frame);
+        if (r === n) {
+          this.stats.txPackets++;
+          this.stats.txBytes += n - VNET_HDR_SIZE;
+        } else {
+          this.stats.txDropped++;
+        }
+      }
+      vq.pushUsed(c, 0);
+    }
+    this.ctx.signalUsed(TXQ);
+  }
+
+  /** Moves frames from the TAP into RX chains until either runs out. */
+  rx(): void {
+    if (this.closed) return;
+    if (!this.ctx.active) {
+      // Paused, reset pending or needs-reset: leave frames in the TAP; resume/activate kicks RX again.
+      this.watch?.setActive(false);
+      return;
+    }
+    const vq = this.ctx.queue(RXQ);
+    const mem = this.ctx.memory;
+    let delivered = 0;
+    for (;;) {
+      let frame = this.held;
+      this.held = undefined;
+      if (!frame) {
+        const r = this.tap.read(this.rxBuf);
+        if (r === -11) break; // EAGAIN: TAP drained
+        if (r < 0) throw new KvmkitError('KVMKIT_ERR_VIRTIO_NET_TAP', `TAP read failed: errno ${-r}`, { details: { errno: -r } });
+        if (r < VNET_HDR_SIZE) continue;
+        frame = this.rxBuf.subarray(0, r);
+      }
+      const c = vq.ready ? vq.pop() : null;
+      if (!c) {
+        // No RX buffer: keep this frame, stop polling the TAP until the driver posts buffers.
+        this.held = Buffer.from(frame);
+        this.watch?.setActive(false);
+        break;
+      }
+      if (!this.linkUp || c.writableLength < frame.length) {
+        this.stats.rxDropped++;
+        vq.pushUsed(c, 0);
+        delivered++;
+        continue;
+      }
+      // num_buffers (offset 10) = 1: no MRG_RXBUF, one chain per frame.
+      frame.writeUInt16LE(1, 10);
+      const n = c.write(mem, frame);
+      vq.pushUsed(c, n);
+      delivered++;
+      this.stats.rxPackets++;
+      this.stats.rxBytes += n - VNET_HDR_SIZE;
+    }
+    if (!this.held && this.watch && !this.watch.active && vq.ready) this.watch.setActive(true);
+    if (delivered) this.ctx.signalUsed(RXQ);
+  }
+
+  override saveState(): unknown {
+    return { version: NET_STATE_VERSION, mac: this.config.slice(0, 6), linkUp: this.linkUp, stats: { ...this.stats } };
+  }
+
+  override restoreState(s: unknown): void {
+    const o = (s ?? {}) as { version?: unknown; mac?: unknown; linkUp?: unknown; stats?: Partial<NetStats> };
+    if (o.version !== NET_STATE_VERSION) throw new KvmkitError('KVMKIT_ERR_STATE_FORMAT', `virtio-net state version ${String(o.version)} is not supported`);
+    if (o.mac instanceof Uint8Array && o.mac.length === 6) this.config.set(o.mac, 0);
+    this.linkUp = o.linkUp !== false;
+    this.writeStatusField();
+    if (o.stats) for (const k of Object.keys(this.stats) as (keyof NetStats)[]) if (typeof o.stats[k] === 'number') this.stats[k] = o.stats[k]!;
+  }
+
+  override close(): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.watch?.close();
+    this.watch = undefined;
+    this.tap.close();
+  }
+}
