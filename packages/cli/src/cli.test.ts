@@ -131,7 +131,7 @@ describe('kvmkit (spawned bin)', () => {
     const d = project({ 'kvmkit.config.yaml': 'vms:\n  web:\n    memory: lots\n' });
     const r = kvmkit(['run', 'web', '--dry-run'], d);
     expect(r.code).toBe(2);
-    expect(r.stderr).toBe(`error KVMKIT_ERR_CONFIG: ${path.join(d, 'kvmkit.config.yaml')}: vms.web.memory must be guest RAM in MiB (an integer in 1..1048576) (got "lots")\n`);
+    expect(r.stderr).toBe(`error KVMKIT_ERR_CONFIG: ${path.join(d, 'kvmkit.config.yaml')}:3: vms.web.memory must be guest RAM in MiB (an integer in 1..1048576) (got "lots")\n`);
   });
 
   it('unknown --host: exit 2, KVMKIT_ERR_CONFIG_HOST', () => {

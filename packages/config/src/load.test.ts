@@ -184,15 +184,37 @@ describe('loadConfig: errors', () => {
   ];
   for (const [what, cfg, keyPath, expected] of invalid) {
     it(`names file and key path: ${what} → ${keyPath}`, async () => {
-      const d = project({ 'kvmkit.config.json': JSON.stringify(cfg) });
+      const d = project({ 'kvmkit.config.json': JSON.stringify(cfg, null, 2) });
       const e = await failure(loadConfig({ cwd: d }));
       expect(e.code).toBe('KVMKIT_ERR_CONFIG');
       expect(e.details.file).toBe(path.join(d, 'kvmkit.config.json'));
       expect(e.details.path).toBe(keyPath);
-      expect(e.message.startsWith(`${path.join(d, 'kvmkit.config.json')}: ${keyPath}`)).toBe(true);
+      expect(e.message.startsWith(`${path.join(d, 'kvmkit.config.json')}:${e.details.line}: ${keyPath}`)).toBe(true);
       expect(e.message).toMatch(expected);
+      // The same error from a JS config: no line numbers.
+      const j = project({ 'kvmkit.config.mjs': `export default ${JSON.stringify(cfg)};` });
+      const ej = await failure(loadConfig({ cwd: j }));
+      expect(ej.details.path).toBe(keyPath);
+      expect(ej.details.line).toBeUndefined();
+      expect(ej.message.startsWith(`${path.join(j, 'kvmkit.config.mjs')}: ${keyPath}`)).toBe(true);
     });
   }
+
+  it('JSON/YAML errors carry the line of the offending key (a missing key: its parent)', async () => {
+    const y = project({ 'kvmkit.config.yaml': 'vms:\n  web:\n    memory: 64\n    plugins:\n      - serial\n      - 5\n' });
+    const ey = await failure(loadConfig({ cwd: y }));
+    expect(ey.message).toBe(`${path.join(y, 'kvmkit.config.yaml')}:6: vms.web.plugins[1] must be a plugin name or an object { name, options } (got 5)`);
+    expect(ey.details.line).toBe(6);
+    const j = project({ 'kvmkit.config.json': '{\n  "vms": {\n    "web": {\n      "cpus": 0\n    }\n  }\n}\n' });
+    expect((await failure(loadConfig({ cwd: j }))).details.line).toBe(4);
+    const m = project({ 'kvmkit.config.yaml': '# comment\nhosts: {}\n' });
+    const em = await failure(loadConfig({ cwd: m }));
+    expect(em.details.path).toBe('vms');
+    expect(em.details.line).toBe(2); // the document (vms is missing)
+    const pj = project({ 'package.json': JSON.stringify({ name: 'x', kvmkit: { vms: { a: { memory: -1 } } } }, null, 2) });
+    const ep = await failure(loadConfig({ cwd: pj }));
+    expect(ep.message).toMatch(/package\.json:6: vms\.a\.memory must be/);
+  });
 
   it('a JS config exporting a non-object names the top level', async () => {
     const d = project({ 'kvmkit.config.mjs': 'export default 42;\n' });

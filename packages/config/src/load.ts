@@ -1,6 +1,7 @@
-import { existsSync, statSync } from 'node:fs';
+import { existsSync, readFileSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { cosmiconfig } from 'cosmiconfig';
+import { isNode, parseDocument } from 'yaml';
 import { KvmkitError } from '@kvmkit/kernel';
 import { validateConfig, type KvmkitConfig } from './schema.js';
 
@@ -157,6 +158,54 @@ export function fromObject(file: string, config: unknown): LoadedConfig {
 }
 
 function finish(file: string, config: unknown): LoadedConfig {
-  validateConfig(file, config);
+  try {
+    validateConfig(file, config);
+  } catch (e) {
+    throw withLine(file, e);
+  }
   return { file, dir: path.dirname(file), format: formatOf(file), config };
+}
+
+/** Splits a key path written by keyPath() (`vms.web.plugins[1]`, `vms["we b"]`) back into keys. */
+export function splitKeyPath(p: string): Array<string | number> | undefined {
+  const out: Array<string | number> = [];
+  const re = /(?:^|\.)([A-Za-z_$][A-Za-z0-9_$-]*)|\[(\d+)\]|\[("(?:[^"\\]|\\.)*")\]/gy;
+  let m: RegExpExecArray | null;
+  let at = 0;
+  while (at < p.length && (m = re.exec(p)) !== null) {
+    if (m[1] !== undefined) out.push(m[1]);
+    else if (m[2] !== undefined) out.push(Number(m[2]));
+    else out.push(JSON.parse(m[3]!) as string);
+    at = re.lastIndex;
+  }
+  return at === p.length ? out : undefined;
+}
+
+/**
+ * For JSON/YAML files (and package.json#kvmkit), adds the line of the offending key to a KVMKIT_ERR_CONFIG:
+ * `file:LINE: vms.web.memory must be …` and `details.line`. JS/TS configs have no source positions: unchanged.
+ */
+function withLine(file: string, e: unknown): unknown {
+  if (!(e instanceof KvmkitError) || e.code !== 'KVMKIT_ERR_CONFIG' || typeof e.details.path !== 'string') return e;
+  const format = formatOf(file);
+  if (format !== 'json' && format !== 'yaml' && format !== 'package.json#kvmkit') return e;
+  try {
+    const text = readFileSync(file, 'utf8');
+    const doc = parseDocument(text);
+    let keys = e.details.path === '(top level)' ? [] : splitKeyPath(e.details.path);
+    if (keys === undefined) return e;
+    if (format === 'package.json#kvmkit') keys = ['kvmkit', ...keys];
+    // The deepest node that exists on the path (a missing key points at its parent).
+    for (let n = keys.length; n >= 0; n--) {
+      const node = n === 0 ? doc.contents : doc.getIn(keys.slice(0, n), true);
+      if (isNode(node) && node.range) {
+        const line = text.slice(0, node.range[0]).split('\n').length;
+        const msg = e.message.startsWith(`${file}: `) ? `${file}:${line}: ${e.message.slice(file.length + 2)}` : e.message;
+        return new KvmkitError('KVMKIT_ERR_CONFIG', msg, { details: { ...e.details, line } });
+      }
+    }
+  } catch {
+    /* positions are a nicety */
+  }
+  return e;
 }
