@@ -198,8 +198,9 @@ describe('virtio-mmio transport', () => {
     mem2.write(0, a.mem.read(0, 1 << 20));
     const dev2 = new EchoDevice();
     const t2 = new VirtioMmioTransport(dev2, { memory: mem2 });
-    await t2.pause();
     t2.restoreState(new StateReader(w.sections).read('echo', 1));
+    expect(t2.isPaused).toBe(true); // nothing is processed until resume (memory may still be loading)
+    expect(dev2.activations).toBe(1);
     expect(t2.status).toBe(a.t.status);
     expect(t2.queues[0]!.lastAvail).toBe(3);
     expect(t2.queues[0]!.usedIdx).toBe(3);
@@ -210,8 +211,21 @@ describe('virtio-mmio transport', () => {
   });
 
   it('rejects a saved state of another shape with a coded error', () => {
-    const { t } = setup();
-    expect(() => t.restoreState({ queues: [] } as never)).toThrow(expect.objectContaining({ code: 'KVMKIT_ERR_STATE_FORMAT' }));
+    const { t, drv } = setup();
+    drv.init();
+    const good = t.saveState();
+    const bad: unknown[] = [
+      { queues: [] },
+      null,
+      { ...good, driverFeatures: 5 },
+      { ...good, status: -1 },
+      { ...good, queues: [{ ...good.queues[0], lastAvail: 70000 }, good.queues[1]] },
+      { ...good, queues: [{ ...good.queues[0], desc: 'x' }, good.queues[1]] },
+    ];
+    for (const b of bad) expect(() => t.restoreState(b as never), JSON.stringify(b, (_k, v) => (typeof v === 'bigint' ? String(v) : v))).toThrow(expect.objectContaining({ code: 'KVMKIT_ERR_STATE_FORMAT' }));
+    // a ring that no longer fits guest memory is a guest problem: DEVICE_NEEDS_RESET, not an exception
+    t.restoreState({ ...good, queues: [{ ...good.queues[0]!, desc: 1n << 40n }, good.queues[1]!] });
+    expect(t.status & S.DEVICE_NEEDS_RESET).toBe(S.DEVICE_NEEDS_RESET);
   });
 
   it('async processQueue: errors become DEVICE_NEEDS_RESET; quiesce waits', async () => {

@@ -503,23 +503,35 @@ export class VirtioMmioTransport implements BusDevice {
 
   /**
    * Restores a saved state (the device must have the same queue layout). Guest-controlled parts are
-   * re-validated: a ring outside memory puts the device in DEVICE_NEEDS_RESET instead of failing.
-   * Pending buffers are processed on `resume()`.
+   * re-validated: a ring outside memory puts the device in DEVICE_NEEDS_RESET instead of failing; a state of
+   * the wrong shape throws KVMKIT_ERR_STATE_FORMAT. The transport is left paused: nothing touches guest memory
+   * (which the restorer may still be loading) until `resume()`, which then processes every ready queue.
    */
   restoreState(s: VirtioMmioState): void {
-    if (!s || typeof s !== 'object' || !Array.isArray(s.queues) || s.queues.length !== this.queues.length) {
-      throw new KvmkitError('KVMKIT_ERR_STATE_FORMAT', `${this.device.name}: saved virtio state does not match the device (queues)`);
+    const fail = (what: string) => new KvmkitError('KVMKIT_ERR_STATE_FORMAT', `${this.device.name}: saved virtio state is invalid (${what})`, { details: { what } });
+    if (!s || typeof s !== 'object' || !Array.isArray(s.queues)) throw fail('not an object with queues');
+    if (s.queues.length !== this.queues.length) throw fail(`${s.queues.length} queues, device has ${this.queues.length}`);
+    const isU16 = (x: unknown) => Number.isInteger(x) && (x as number) >= 0 && (x as number) <= 0xffff;
+    const isAddr = (x: unknown) => typeof x === 'bigint' && x >= 0n && x < 1n << 64n;
+    s.queues.forEach((q, i) => {
+      if (!q || typeof q !== 'object' || !isU16(q.lastAvail) || !isU16(q.usedIdx) || !isU16(q.signalledUsed) || !Number.isInteger(q.size) || typeof q.ready !== 'boolean' || !isAddr(q.desc) || !isAddr(q.driver) || !isAddr(q.device)) {
+        throw fail(`queue ${i}`);
+      }
+    });
+    if (typeof s.driverFeatures !== 'bigint') throw fail('driverFeatures');
+    for (const k of ['status', 'deviceFeaturesSel', 'driverFeaturesSel', 'queueSel', 'interruptStatus', 'configGeneration'] as const) {
+      if (!Number.isInteger(s[k]) || s[k] < 0 || s[k] > 0xffff_ffff) throw fail(k);
     }
-    const u32 = (x: unknown) => (typeof x === 'number' && Number.isInteger(x) ? x >>> 0 : 0);
     this.resetDevice();
-    this.status = u32(s.status) & 0xff;
-    this.deviceFeaturesSel = u32(s.deviceFeaturesSel);
-    this.driverFeaturesSel = u32(s.driverFeaturesSel);
-    this.driverFeatures = BigInt(s.driverFeatures as bigint) & this.offeredFeatures;
-    this.queueSel = u32(s.queueSel);
-    this.interruptStatus = u32(s.interruptStatus) & 3;
-    this.configGeneration = u32(s.configGeneration);
+    this.paused = true;
     this.device.restoreState(s.device);
+    this.status = s.status & 0xff;
+    this.deviceFeaturesSel = s.deviceFeaturesSel;
+    this.driverFeaturesSel = s.driverFeaturesSel;
+    this.driverFeatures = s.driverFeatures & this.offeredFeatures;
+    this.queueSel = s.queueSel;
+    this.interruptStatus = s.interruptStatus & 3;
+    this.configGeneration = s.configGeneration;
     for (let i = 0; i < this.queues.length; i++) {
       try {
         this.queues[i]!.restoreState(s.queues[i]!, this.memory, this.ringOpts());
@@ -527,7 +539,12 @@ export class VirtioMmioTransport implements BusDevice {
         this.needsReset(`queue ${i} restore rejected`, e);
       }
     }
-    if (this.paused) for (let q = 0; q < this.queues.length; q++) this.pendingKicks.add(q);
-    else this.kickAll();
+    if ((this.status & (S.DRIVER_OK | S.DEVICE_NEEDS_RESET | S.FAILED)) === S.DRIVER_OK) {
+      try {
+        this.device.activate();
+      } catch (e) {
+        this.needsReset('activate after restore failed', e);
+      }
+    }
   }
 }

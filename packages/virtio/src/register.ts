@@ -60,6 +60,7 @@ export function useVirtioMmio(
     r = registerVirtioMmio(reg as unknown as VirtioRegistry, device, { name: pluginName, ...(opts.irq !== undefined ? { irq: opts.irq } : {}), log: opts.log ?? machine.log });
   });
   machine.hooks.paused.tapPromise(pluginName, async () => {
+    // In-flight requests complete here, before a snapshot strategy reads guest memory.
     await r?.transport.pause();
   });
   machine.hooks.resumed.tapPromise(pluginName, async () => {
@@ -76,7 +77,12 @@ export function useVirtioMmio(
   });
   machine.hooks.restoreState.tapPromise(pluginName, async (rd: StateReader) => {
     if (!r) throw new KvmkitError('KVMKIT_ERR_STATE', `${pluginName}: restore before the device exists`);
+    // Leaves the transport paused: guest memory may still be loading. It resumes with the machine
+    // (`resumed`), or, for a restore done before the first run (beforeRun), when the vCPU threads start.
     r.transport.restoreState(rd.read<VirtioMmioState>(pluginName, STATE_VERSION));
+  });
+  machine.hooks.vcpuThread.tapPromise(pluginName, async () => {
+    if (r && r.transport.isPaused && machine.state !== 'paused') r.transport.resume();
   });
   machine.hooks.afterStop.tapPromise(pluginName, async () => {
     await r?.transport.close();

@@ -27,6 +27,10 @@ export class EchoDevice extends VirtioDevice {
     }
     this.ctx.signalUsed(q);
   }
+  activations = 0;
+  override activate(): void {
+    this.activations++;
+  }
   override reset(): void {
     this.resets++;
   }
