@@ -35,12 +35,22 @@ describe('doctor: host kind and suggestions', () => {
   });
 
   it('uses doctorReport() of @kvmkit/plugin-host-pvm when it exists, and prints its lines', async () => {
-    const report = { detected: true, lines: ['kvm_pvm loaded', 'guest ring 0 emulated'] };
+    const report = { pvm: true, evidence: ['kvm_pvm loaded', 'guest ring 0 emulated'], suggestion: 'use host-pvm', cmdline: 'noxsave' };
     const r = await runDoctor({ cwd: project(), sysModule: sysModule(['kvm']), importHostPvm: async () => ({ doctorReport: async () => report }) });
     expect(r.nestedPvm).toEqual({ detected: true, source: '@kvmkit/plugin-host-pvm doctorReport()', report });
     const text = formatDoctor(r);
     expect(text).toContain('nested PVM: yes (from @kvmkit/plugin-host-pvm doctorReport())');
-    expect(text).toContain('        guest ring 0 emulated');
+    expect(text).toContain('        - guest ring 0 emulated');
+    expect(text).toContain('        host-pvm adds to the guest cmdline: noxsave');
+  });
+
+  it('with the real @kvmkit/plugin-host-pvm: it is asked with our /sys/module', async () => {
+    const pvm = await runDoctor({ cwd: project(), sysModule: sysModule(['kvm', 'kvm_pvm']) });
+    expect(pvm.nestedPvm.source).toBe('@kvmkit/plugin-host-pvm doctorReport()');
+    expect(pvm.nestedPvm.detected).toBe(true);
+    const plain = await runDoctor({ cwd: project(), sysModule: sysModule(['kvm', 'kvm_amd']) });
+    expect(plain.nestedPvm.detected).toBe(false);
+    expect(plain.suggestions).toEqual([]);
   });
 
   it('a plain KVM host: no PVM suggestion', async () => {

@@ -49,12 +49,12 @@ export interface DoctorOptions {
 
 const MODULES = ['kvm', 'kvm_intel', 'kvm_amd', 'kvm_pvm'] as const;
 
-async function hostPvmReport(imp: () => Promise<Record<string, unknown>>): Promise<{ report?: unknown; error?: string }> {
+async function hostPvmReport(imp: () => Promise<Record<string, unknown>>, sysModule: string): Promise<{ report?: unknown; error?: string }> {
   try {
     const mod = await imp();
     const f = mod.doctorReport;
     if (typeof f !== 'function') return { error: '@kvmkit/plugin-host-pvm has no doctorReport() export' };
-    return { report: await (f as () => unknown)() };
+    return { report: await (f as (o: { sysModule: string }) => unknown)({ sysModule }) };
   } catch (e) {
     return { error: `@kvmkit/plugin-host-pvm not usable: ${(e as Error)?.message ?? e}` };
   }
@@ -64,7 +64,7 @@ async function hostPvmReport(imp: () => Promise<Record<string, unknown>>): Promi
 function reportSaysPvm(r: unknown): boolean | undefined {
   if (typeof r !== 'object' || r === null) return undefined;
   const o = r as Record<string, unknown>;
-  for (const k of ['detected', 'pvm', 'isPvm', 'nestedPvm', 'nested']) if (typeof o[k] === 'boolean') return o[k] as boolean;
+  for (const k of ['pvm', 'detected', 'isPvm', 'nestedPvm', 'nested']) if (typeof o[k] === 'boolean') return o[k] as boolean;
   return undefined;
 }
 
@@ -157,7 +157,7 @@ export async function runDoctor(opts: DoctorOptions = {}): Promise<DoctorReport>
     /* not Linux /proc */
   }
   const imp = opts.importHostPvm ?? (() => import('@kvmkit/plugin-host-pvm' as string) as Promise<Record<string, unknown>>);
-  const hp = await hostPvmReport(imp);
+  const hp = await hostPvmReport(imp, sysModule);
   const fromPlugin = reportSaysPvm(hp.report);
   const nestedPvm = {
     detected: fromPlugin ?? modules.kvm_pvm!,
@@ -227,9 +227,10 @@ export function formatDoctor(r: DoctorReport): string {
   lines.push(`  info  nested PVM: ${r.nestedPvm.detected ? 'yes' : 'no'} (from ${r.nestedPvm.source})`);
   const rep = r.nestedPvm.report as Record<string, unknown> | undefined;
   if (rep && typeof rep === 'object') {
-    if (Array.isArray(rep.lines)) for (const l of rep.lines) lines.push(`        ${String(l)}`);
-    else if (typeof rep.summary === 'string') lines.push(`        ${rep.summary}`);
-    else if (typeof rep.message === 'string') lines.push(`        ${rep.message}`);
+    // @kvmkit/plugin-host-pvm's report: { pvm, evidence: string[], suggestion, cmdline }; other shapes tolerated.
+    for (const k of ['evidence', 'lines'] as const) if (Array.isArray(rep[k])) for (const l of rep[k] as unknown[]) lines.push(`        - ${String(l)}`);
+    for (const k of ['summary', 'message'] as const) if (typeof rep[k] === 'string') lines.push(`        ${rep[k] as string}`);
+    if (typeof rep.cmdline === 'string' && r.nestedPvm.detected) lines.push(`        host-pvm adds to the guest cmdline: ${rep.cmdline}`);
   }
   if (r.config.file) lines.push(`  info  config ${r.config.file}: host section ${r.config.host ?? '(none)'} — ${r.config.reason}`);
   else if (r.config.error) lines.push(`  warn  config: ${r.config.error}`);
