@@ -377,34 +377,55 @@ describe.skipIf(!hasKvm)('kvmkit run on /dev/kvm (boot-flat guests)', () => {
 const guestDir = [process.env.KVMKIT_GUEST_DIR, fileURLToPath(new URL('../../../../shared/guest', import.meta.url))].find((d) => d && existsSync(path.join(d, 'vmlinux')));
 if (hasKvm && !guestDir) console.warn('[kvmkit cli] no guest kernel (set KVMKIT_GUEST_DIR): kvmkit run --kernel tests are skipped');
 
-describe.skipIf(!hasKvm || !guestDir)('kvmkit run --kernel (Linux guest, flag-only mode)', () => {
-  // On a nested PVM host the guest kernel needs these (later: the host-pvm plugin adds them).
-  const pvm = existsSync('/sys/module/kvm_pvm')
-    ? ' noxsave clearcpuid=popcnt,cx16,smap,smep,xsave,avx,avx2,avx512f,bmi1,bmi2,movbe,erms,fsrm,fsgsbase,rdrand,rdseed,pcid,invpcid,umip,rdpid,clflushopt,clwb,pku,la57'
-    : '';
+const isPvmHost = existsSync('/sys/module/kvm_pvm');
+
+/** Runs kvmkit until the guest prints its "Command line:" line, then Ctrl-C; returns stdout, stderr, exit code. */
+async function bootLinux(args: string[], cwd: string): Promise<{ first: unknown; out: string; err: string; code: number | null | 'timeout' }> {
+  const child = spawn(process.execPath, [BIN, ...args, '--log-level', 'warn'], { cwd, stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  let err = '';
+  child.stderr.on('data', (b: Buffer) => (err += b.toString()));
+  const booted = new Promise<void>((resolve) => child.stdout.on('data', (b: Buffer) => {
+    out += b.toString();
+    if (/Command line: .*panic=-1/.test(out)) resolve();
+  }));
+  const exited = new Promise<number | null>((resolve) => child.on('exit', (c) => resolve(c)));
+  const first = await Promise.race([booted.then(() => 'booted'), exited.then(() => 'exited'), new Promise((r) => setTimeout(() => r('timeout'), 40_000))]);
+  child.kill('SIGINT');
+  const code = await Promise.race([exited, new Promise<'timeout'>((r) => setTimeout(() => r('timeout'), 20_000))]);
+  if (code === 'timeout') child.kill('SIGKILL');
+  return { first, out, err, code };
+}
+
+describe.skipIf(!hasKvm || !guestDir)('kvmkit run with the guest Linux kernel', () => {
   // bzImage decompresses itself in guest ring 0, which a nested PVM host emulates instruction by instruction
   // (no console output within 30 s here); only vmlinux (PVH entry) is tried there.
-  for (const image of pvm ? ['vmlinux'] : ['vmlinux', 'bzImage']) {
-    it(`boots ${image} with the default serial + platform-pc plugins; console on stdout; Ctrl-C → 130`, async () => {
+  for (const image of isPvmHost ? ['vmlinux'] : ['vmlinux', 'bzImage']) {
+    it(`flag-only: --kernel ${image} with the default serial + platform-pc (+ --plugin host-pvm on PVM); Ctrl-C → 130`, async () => {
       const kernel = path.join(guestDir!, image);
       if (!existsSync(kernel)) return;
-      const child = spawn(process.execPath, [BIN, 'run', '--kernel', kernel, '--memory', '128', '--cmdline', `panic=-1${pvm}`, '--log-level', 'warn'], { cwd: root, stdio: ['ignore', 'pipe', 'pipe'] });
-      let out = '';
-      let err = '';
-      child.stderr.on('data', (b: Buffer) => (err += b.toString()));
-      const booted = new Promise<void>((resolve) => child.stdout.on('data', (b: Buffer) => {
-        out += b.toString();
-        if (/Command line: .*panic=-1/.test(out)) resolve();
-      }));
-      const exited = new Promise<number | null>((resolve) => child.on('exit', (c) => resolve(c)));
-      const first = await Promise.race([booted.then(() => 'booted'), exited.then(() => 'exited'), new Promise((r) => setTimeout(() => r('timeout'), 30_000))]);
-      child.kill('SIGINT');
-      const code = await Promise.race([exited, new Promise<'timeout'>((r) => setTimeout(() => r('timeout'), 20_000))]);
-      if (code === 'timeout') child.kill('SIGKILL');
-      expect(first, `stdout: ${out.slice(0, 2000)}\nstderr: ${err.slice(0, 2000)}`).toBe('booted');
-      expect(out).toMatch(/^Linux version 6\./m);
-      expect(out).toContain('console=ttyS0'); // the serial plugin's cmdline contribution
-      expect(code).toBe(130);
-    }, 60_000);
+      const r = await bootLinux(['run', '--kernel', kernel, '--memory', '128', '--cmdline', 'panic=-1', ...(isPvmHost ? ['--plugin', 'host-pvm'] : [])], root);
+      expect(r.first, `stdout: ${r.out.slice(0, 2000)}\nstderr: ${r.err.slice(0, 2000)}`).toBe('booted');
+      expect(r.out).toMatch(/^Linux version 6\./m);
+      expect(r.out).toContain('console=ttyS0'); // the serial plugin's cmdline contribution
+      expect(r.code).toBe(130);
+    }, 90_000);
   }
+
+  it('config mode: the host section matched by kernel module adds host-pvm (its cmdline reaches the guest)', async () => {
+    const d = project({
+      'kvmkit.config.mjs': `export default {
+        vms: { linux: { memory: 128, cmdline: 'panic=-1', plugins: ['serial', 'platform-pc', { name: 'boot-linux', options: { kernel: ${JSON.stringify(path.join(guestDir!, 'vmlinux'))} } }] } },
+        hosts: { nested: { match: { kvmModule: 'kvm_pvm' }, plugins: ['host-pvm'] }, default: {} },
+      };\n`,
+    });
+    const printed = JSON.parse(kvmkit(['config', '--print'], d).stdout);
+    expect(printed.host.name).toBe(isPvmHost ? 'nested' : 'default');
+    const r = await bootLinux(['run', 'linux'], d);
+    expect(r.first, `stdout: ${r.out.slice(0, 2000)}\nstderr: ${r.err.slice(0, 2000)}`).toBe('booted');
+    const cmdline = /^Command line: (.*)$/m.exec(r.out)?.[1] ?? '';
+    if (isPvmHost) expect(cmdline).toMatch(/noxsave.*clearcpuid=/);
+    else expect(cmdline).not.toContain('clearcpuid=');
+    expect(r.code).toBe(130);
+  }, 90_000);
 });
