@@ -1,7 +1,7 @@
 /*
  * Probe guest: a tiny long-mode program for kvmkit tests and benchmarks.
  *
- * Cmdline: probe.test=<hello|pio|mmio|smp|timer|exit> [probe.iters=N] [probe.ring=0|3]
+ * Cmdline: probe.test=<hello|pio|mmio|smp|timer|exit|fault> [probe.iters=N] [probe.ring=0|3]
  *          [probe.status=N] [probe.ms=N] [probe.period=N]
  * Output (16550 UART at 0x3f8): "PROBE <test> key=value ..." lines, then
  * "PROBE DONE status=N", then `out 0xf4` with N (0 = pass). An unexpected exception
@@ -326,6 +326,24 @@ static void loop_test(const char *name, u64 (*loop)(u64))
     finish(0);
 }
 
+/* Deliberate fault: ring 0 runs ud2 (#UD); ring 3 writes above 4 GiB (unmapped: #PF).
+ * Either must end in "PROBE FAULT vector=N ..." and status 0x7f. */
+static u64 user_fault(u64 addr)
+{
+    *(volatile u32 *)addr = 1;
+    return 0;
+}
+
+static void test_fault(void)
+{
+    u64 ring = param_u64("ring", 0);
+    puts("PROBE fault"); kv("ring", ring == 3 ? 3 : 0); puts("\n");
+    if (ring == 3) run_user(user_fault, 0x100000000ull, (u64)user_stack + sizeof(user_stack));
+    else __asm__ volatile("ud2");
+    puts("PROBE error fault_not_raised\n");
+    finish(3);
+}
+
 static volatile u32 ap_up;
 
 void ap_main(void)
@@ -405,6 +423,7 @@ void probe_main(void)
         finish(0);
     }
     if (streq(test, "smp")) test_smp();
+    if (streq(test, "fault")) test_fault();
     tsc_calibrate();
     if (streq(test, "pio")) loop_test("pio", user_pio);
     if (streq(test, "mmio")) loop_test("mmio", user_mmio);
