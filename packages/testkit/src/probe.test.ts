@@ -1,0 +1,104 @@
+import { existsSync } from 'node:fs';
+import { describe, expect, it } from 'vitest';
+import {
+  decodeQemuExit,
+  findExecutable,
+  parseProbeOutput,
+  probeCmdline,
+  runCfloor,
+  runCfloorProbe,
+  runQemuProbe,
+  cfloorFlatGuestPath,
+} from './probe.js';
+
+describe('parseProbeOutput', () => {
+  it('parses test lines, fields, bare words and DONE', () => {
+    const text = [
+      'qboot noise',
+      'PROBE hello vcpus=2',
+      'PROBE smp cpu=1 up',
+      'PROBE pio ring=3 iters=100 cycles=12345 cycles_per_exit=123 tsc_src=kvmclock',
+      'PROBE DONE status=0',
+    ].join('\r\n');
+    const p = parseProbeOutput(text);
+    expect(p.lines.map((l) => l.test)).toEqual(['hello', 'smp', 'pio']);
+    expect(p.lines[0]!.fields).toEqual({ vcpus: '2' });
+    expect(p.lines[1]!.fields).toEqual({ cpu: '1' });
+    expect(p.lines[1]!.words).toEqual(['up']);
+    expect(p.lines[2]!.fields['cycles_per_exit']).toBe('123');
+    expect(p.lines[2]!.fields['tsc_src']).toBe('kvmclock');
+    expect(p.done).toEqual({ status: 0 });
+  });
+
+  it('has no done without a DONE line, and keeps the first DONE', () => {
+    expect(parseProbeOutput('PROBE hello vcpus=1\n').done).toBeUndefined();
+    expect(parseProbeOutput('PROBE DONE status=7\nPROBE DONE status=0\n').done).toEqual({ status: 7 });
+    expect(parseProbeOutput('PROBE DONE status=x\n').done).toBeUndefined();
+  });
+
+  it('finds PROBE after other text on the line but not inside a word', () => {
+    const p = parseProbeOutput('\x1b[0mPROBE exit status=3\nXPROBE bogus a=1\nPROBE FAULT vector=13 rip=0x100\n');
+    expect(p.lines.map((l) => l.test)).toEqual(['exit', 'FAULT']);
+    expect(p.lines[1]!.fields).toEqual({ vector: '13', rip: '0x100' });
+    expect(p.lines[0]!.raw).toBe('PROBE exit status=3');
+  });
+
+  it('handles empty input and bare PROBE lines', () => {
+    expect(parseProbeOutput('')).toEqual({ lines: [] });
+    expect(parseProbeOutput('PROBE \n')).toEqual({ lines: [] });
+  });
+});
+
+describe('probeCmdline / decodeQemuExit', () => {
+  it('builds probe.* tokens and rejects unsafe values', () => {
+    expect(probeCmdline('pio', { iters: 1000, ring: 0 })).toBe('probe.test=pio probe.iters=1000 probe.ring=0');
+    expect(() => probeCmdline('pio', { iters: '1 x=y' })).toThrow(/not a plain token/);
+  });
+  it('decodes isa-debug-exit codes', () => {
+    expect(decodeQemuExit(1)).toBe(0);
+    expect(decodeQemuExit(11)).toBe(5);
+    expect(decodeQemuExit(255)).toBe(127);
+    expect(decodeQemuExit(0)).toBeNull();
+    expect(decodeQemuExit(null)).toBeNull();
+  });
+});
+
+const kvm = existsSync('/dev/kvm');
+const gcc = !!findExecutable('gcc') && !!findExecutable('make');
+const qemu = !!findExecutable('qemu-system-x86_64');
+const qemuSkip = !qemu ? 'qemu-system-x86_64 not installed' : !kvm ? '/dev/kvm missing' : !gcc ? 'gcc/make missing' : '';
+const cfloorSkip = !kvm ? '/dev/kvm missing' : !gcc ? 'gcc/make missing' : '';
+if (qemuSkip) console.warn(`probe QEMU tests skipped: ${qemuSkip}`);
+if (cfloorSkip) console.warn(`cfloor tests skipped: ${cfloorSkip}`);
+
+describe('probe guest on QEMU microvm', () => {
+  it.skipIf(!!qemuSkip)(`boots probe hello${qemuSkip ? ` (SKIPPED: ${qemuSkip})` : ''}`, async () => {
+    const r = await runQemuProbe({ test: 'hello', timeoutMs: 60_000 });
+    expect(r.probe.lines).toEqual([{ test: 'hello', fields: { vcpus: '1' }, words: [], raw: 'PROBE hello vcpus=1' }]);
+    expect(r.probe.done).toEqual({ status: 0 });
+    expect(r.exitStatus).toBe(0);
+  });
+  it.skipIf(!!qemuSkip)(`passes probe.status through the debug-exit port${qemuSkip ? ` (SKIPPED: ${qemuSkip})` : ''}`, async () => {
+    const r = await runQemuProbe({ test: 'exit', params: { status: 5 } });
+    expect(r.exitStatus).toBe(5);
+    expect(r.qemuExitCode).toBe(11);
+    expect(r.probe.done).toEqual({ status: 5 });
+  });
+});
+
+describe('cfloor', () => {
+  it.skipIf(!!cfloorSkip)(`runs a flat ring-3 port loop and exits with the counter${cfloorSkip ? ` (SKIPPED: ${cfloorSkip})` : ''}`, async () => {
+    const r = await runCfloor(['flat', cfloorFlatGuestPath('count-exit'), '--arg', '42']);
+    expect(r.exitCode).toBe(42);
+    expect(r.exits).toBe(44); // 42 out + 1 in + 1 exit
+    expect(r.wallUs).toBeGreaterThan(0);
+  });
+  it.skipIf(!!cfloorSkip)(`boots probe smp with 2 vCPUs${cfloorSkip ? ` (SKIPPED: ${cfloorSkip})` : ''}`, async () => {
+    const r = await runCfloorProbe({ test: 'smp', cpus: 2 });
+    expect(r.exitCode).toBe(0);
+    const up = r.probe.lines.filter((l) => l.test === 'smp' && l.words.includes('up')).map((l) => l.fields['cpu']);
+    expect(up.sort()).toEqual(['0', '1']);
+    expect(r.probe.lines.at(-1)!.fields).toEqual({ cpus: '2', expected: '2' });
+    expect(r.probe.done).toEqual({ status: 0 });
+  });
+});
