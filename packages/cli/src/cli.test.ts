@@ -170,6 +170,14 @@ describe('kvmkit (spawned bin)', () => {
     expect(r.stderr).toBe('');
     expect(r.code).toBe(0);
     const j = JSON.parse(r.stdout);
+    // Where each plugin resolves: serial from the CLI's dependencies; hugepages is not installed here.
+    expect(j.plugins[0].module).toMatch(/plugins\/serial\/dist\/index\.js$/);
+    const hp = j.plugins[2];
+    if (hp.module === null) expect(hp.error).toMatch(/^KVMKIT_ERR_PLUGIN_NOT_FOUND: plugin hugepages not found/);
+    for (const p of j.plugins) {
+      delete p.module;
+      delete p.error;
+    }
     expect(j).toEqual({
       config: path.join(d, 'vms/kvmkit.config.mjs'),
       mode: 'config',
@@ -197,6 +205,7 @@ describe('kvmkit (spawned bin)', () => {
     const r = kvmkit(['run', 'web', '--dry-run', '--memory', '128', '--kernel', 'new/vmlinux', '--cmdline', 'b', '--plugin', 'serial:{"output":"none"}'], d);
     expect(r.code).toBe(0);
     const j = JSON.parse(r.stdout);
+    for (const p of j.plugins) delete p.module;
     expect(j.vm).toEqual({ name: 'web', memory: 128, cpus: 1, cmdline: 'b' });
     expect(j.settings).toEqual({ memory: '--memory', cpus: 'default', cmdline: '--cmdline' });
     expect(j.plugins).toEqual([
@@ -214,6 +223,8 @@ describe('kvmkit (spawned bin)', () => {
     expect(hostFlag.code).toBe(2);
     expect(hostFlag.stderr).toMatch(/^error KVMKIT_ERR_CONFIG_HOST: .*the file defines no hosts/);
     const bare = JSON.parse(kvmkit(['run', '--dry-run', '--no-defaults', '--plugin', 'boot-flat:{"image":"g.bin"}'], d).stdout);
+    expect(bare.plugins[0].module).toMatch(/plugins\/boot-flat\/dist\/index\.js$/);
+    delete bare.plugins[0].module;
     expect(bare.plugins).toEqual([{ name: 'boot-flat', key: '@kvmkit/plugin-boot-flat', options: { image: path.join(d, 'g.bin') }, from: ['--plugin boot-flat:{"image":"g.bin"}'] }]);
   });
 

@@ -2,7 +2,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { MachineConfig } from '@kvmkit/kernel';
 import {
-  DEFAULT_CPUS, DEFAULT_MEMORY_MIB, loadConfig, mergePlugins, resolveVm, toSpec,
+  DEFAULT_CPUS, DEFAULT_MEMORY_MIB, loadConfig, mergePlugins, resolvePluginModule, resolveVm, toSpec,
   type HostChoice, type RemovedPlugin, type ResolvedPluginSpec,
 } from '@kvmkit/config';
 import { usageError, type ConfigArgs, type RunArgs } from './args.js';
@@ -138,10 +138,19 @@ export function planToJson(p: Plan): Record<string, unknown> {
     mode: p.mode,
     vm,
     host: { name: p.host.name ?? null, chosenBy: p.host.by, reason: p.host.reason },
-    plugins: p.plugins.map((s) => ({ name: s.name, key: s.key, options: s.options, from: s.from })),
+    plugins: p.plugins.map((s) => ({ name: s.name, key: s.key, options: s.options, from: s.from, ...moduleOf(p, s) })),
     removed: p.removed,
     settings: p.settings,
   };
+}
+
+/** Where a plugin name resolves (without importing it): `{ module }`, or `{ module: null, error }`. */
+function moduleOf(p: Plan, s: ResolvedPluginSpec): { module: string | null; error?: string } {
+  try {
+    return { module: resolvePluginModule(s, { baseDir: p.baseDir, searchDirs: [CLI_DIR] }).file };
+  } catch (e) {
+    return { module: null, error: `${(e as { code?: string }).code ?? 'error'}: ${(e as Error).message}` };
+  }
 }
 
 export function jsonReplacer(_k: string, v: unknown): unknown {
