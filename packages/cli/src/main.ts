@@ -102,7 +102,8 @@ export async function main(argv: string[], io: CliIo = defaultIo()): Promise<num
         const res = await runPlan(plan, { ...(args.logLevel !== undefined ? { logLevel: args.logLevel } : {}), io: { stderr: io.stderr, ...(io.onSignal ? { onSignal: io.onSignal } : {}) } });
         const r = res.reason;
         if (r.reason === 'error' || r.reason === 'triple-fault') {
-          io.stderr(`error ${r.error?.code ?? (r.reason === 'triple-fault' ? 'KVMKIT_ERR_GUEST_SHUTDOWN' : 'KVMKIT_ERR_VCPU_WORKER')}: ${r.message ?? r.error?.message ?? r.reason}\n`);
+          // A stop reason without an error object (e.g. a guest crash system event) gets the CLI's own code.
+          io.stderr(`error ${r.error?.code ?? (r.reason === 'triple-fault' ? 'KVMKIT_ERR_GUEST_SHUTDOWN' : 'KVMKIT_ERR_CLI_VM_ERROR')}: ${r.message ?? r.error?.message ?? r.reason}\n`);
         } else if (r.reason === 'signal') {
           io.stderr(`kvmkit: ${r.message ?? 'signal'}; VM stopped\n`);
         }
