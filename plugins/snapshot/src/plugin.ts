@@ -1,0 +1,66 @@
+import { checkOptions, type Machine, type Plugin } from '@kvmkit/kernel';
+import { fullStrategy, diffStrategy, newTracker, type SnapshotOptions, type SnapshotResult } from './strategies.js';
+import { statefulMachine, findSnapshotStrategy } from './machine.js';
+
+/** What the plugin publishes with machine.provide('snapshot', …). */
+export interface SnapshotApi {
+  /** The snapshot a following 'diff' builds on (set by 'full'/'diff' and by a tracked restore). */
+  base(): { path: string; sha256: string } | undefined;
+  /** Sets the base (used by the restore plugin); dirty tracking starts at the next snapshot or now if the VM exists. */
+  setBase(b: { path: string; sha256: string }): void;
+}
+
+export interface SnapshotPluginOptions {
+  /** Register the built-in strategies (default true). */
+  strategies?: boolean;
+}
+
+/** Registers the 'full' and 'diff' snapshot strategies on `machine.hooks.snapshotStrategy`. */
+export default function snapshotPlugin(options: SnapshotPluginOptions = {}): Plugin {
+  return {
+    name: 'snapshot',
+    version: '0.1.0',
+    kernel: '^0.1.0',
+    provides: ['snapshot-strategy:full', 'snapshot-strategy:diff'],
+    options,
+    validateOptions(o) {
+      checkOptions('snapshot', o, { strategies: { type: 'boolean' } });
+    },
+    apply(machine) {
+      const t = newTracker();
+      if (options.strategies !== false) {
+        const full = fullStrategy(t);
+        const diff = diffStrategy(t);
+        machine.hooks.snapshotStrategy.for('full').tap('snapshot', () => full);
+        machine.hooks.snapshotStrategy.for('diff').tap('snapshot', () => diff);
+      }
+      const api: SnapshotApi = {
+        base: () => t.base,
+        setBase: (b) => {
+          t.base = b;
+          // Start logging now (called before the vCPUs run): pages written from here on go into the next diff.
+          const vm = machine.vm;
+          const mem = machine.memory;
+          if (vm && mem) {
+            for (const r of mem.regions) {
+              if (!t.logging) vm.setDirtyLogging(r.slot, true);
+              vm.getDirtyLog(r.slot);
+              t.pending.set(r.slot, new Uint8Array(Math.ceil(r.size / 4096 / 64) * 8));
+            }
+            t.logging = true;
+          }
+        },
+      };
+      machine.provide('snapshot', api);
+    },
+  };
+}
+
+/**
+ * Takes a snapshot of a running or paused machine with the named strategy ('full', 'diff', or one a
+ * third-party plugin registered). The machine must have @kvmkit/plugin-snapshot (or that plugin).
+ */
+export async function snapshot(machine: Machine, options: SnapshotOptions & { strategy?: string }): Promise<SnapshotResult> {
+  const { strategy = 'full', ...rest } = options;
+  return (await findSnapshotStrategy(machine, strategy).run(statefulMachine(machine), rest)) as SnapshotResult;
+}
