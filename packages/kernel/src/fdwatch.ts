@@ -163,6 +163,7 @@ export function fdWatchCount(): { live: number; closing: number } {
 export class EventFd {
   readonly fd: number;
   private readonly buf = Buffer.alloc(8);
+  private readonly out = Buffer.alloc(8);
   private isClosed = false;
 
   constructor(initval = 0) {
@@ -175,9 +176,8 @@ export class EventFd {
 
   signal(n: bigint | number = 1n): void {
     if (this.isClosed) throw new KvmkitError('KVMKIT_ERR_STATE', 'eventfd is closed');
-    const b = Buffer.alloc(8);
-    b.writeBigUInt64LE(BigInt(n));
-    const r = ffi.writeFd(this.fd, b, 8);
+    this.out.writeBigUInt64LE(BigInt(n));
+    const r = ffi.writeFd(this.fd, this.out, 8);
     if (r < 0 && r !== -11) throw new KvmkitError('KVMKIT_ERR_SYSCALL', `eventfd write failed: errno ${-r}`, { details: { errno: -r } });
   }
 

@@ -71,6 +71,8 @@ export interface BlkStats {
   unsupported: number;
   bytesRead: number;
   bytesWritten: number;
+  /** O_DIRECT requests retried through the page cache after EINVAL. */
+  directFallbacks: number;
 }
 
 const ALIGN = 4096;
@@ -98,10 +100,11 @@ export class VirtioBlk extends VirtioDevice {
   readonly queueSizes: number[];
   readonly features: bigint;
   readonly capacity: bigint; // sectors
-  readonly stats: BlkStats = { reads: 0, writes: 0, flushes: 0, discards: 0, writeZeroes: 0, getIds: 0, errors: 0, unsupported: 0, bytesRead: 0, bytesWritten: 0 };
+  readonly stats: BlkStats = { reads: 0, writes: 0, flushes: 0, discards: 0, writeZeroes: 0, getIds: 0, errors: 0, unsupported: 0, bytesRead: 0, bytesWritten: 0, directFallbacks: 0 };
   /** Whether the file really was opened with O_DIRECT. */
   direct = false;
   private fh: fs.promises.FileHandle | undefined;
+  private buffered: Promise<fs.promises.FileHandle> | undefined;
   private readonly inflight = new Set<Promise<void>>();
   private readonly idBytes: Uint8Array;
   private closed = false;
@@ -230,13 +233,7 @@ export class VirtioBlk extends VirtioDevice {
       case VIRTIO_BLK_T.IN: {
         if (!this.checkSegments(c, true) || inLen % SECTOR !== 0 || !this.inRange(sector, inLen)) return { status: S.IOERR, len: 0 };
         const buf = this.direct ? alignedBuffer(inLen) : Buffer.allocUnsafe(inLen);
-        let done = 0;
-        while (done < inLen) {
-          const { bytesRead } = await fh.read(buf, done, inLen - done, Number(sector) * SECTOR + done);
-          if (bytesRead === 0) break;
-          done += bytesRead;
-        }
-        if (done < inLen) buf.fill(0, done);
+        await this.directFallback((f) => readAll(f, buf, Number(sector) * SECTOR));
         if (!c.valid || mem.isClosed) return { status: S.IOERR, len: 0 };
         c.write(mem, buf);
         this.stats.reads++;
@@ -249,7 +246,7 @@ export class VirtioBlk extends VirtioDevice {
         const data = c.read(mem, 16, outLen);
         const buf = this.direct ? alignedBuffer(outLen) : Buffer.from(data.buffer, data.byteOffset, data.byteLength);
         if (this.direct) buf.set(data);
-        await writeAll(fh, buf, Number(sector) * SECTOR);
+        await this.directFallback((f) => writeAll(f, buf, Number(sector) * SECTOR));
         this.stats.writes++;
         this.stats.bytesWritten += outLen;
         return { status: S.OK, len: 0 };
@@ -279,7 +276,7 @@ export class VirtioBlk extends VirtioDevice {
         if (flags & ~1 || (!isWz && flags & 1)) return { status: S.UNSUPP, len: 0 };
         if (num > this.opts.maxDiscardSectors || !this.inRange(segSector, num * SECTOR)) return { status: S.IOERR, len: 0 };
         if (isWz) {
-          await this.writeZeroes(fh, Number(segSector) * SECTOR, num * SECTOR);
+          await this.directFallback((f) => this.writeZeroes(f, Number(segSector) * SECTOR, num * SECTOR));
           this.stats.writeZeroes++;
         } else {
           // Discard is advisory (§5.2.6.2): without fallocate(PUNCH_HOLE) through the kernel FFI it is a no-op.
@@ -289,6 +286,24 @@ export class VirtioBlk extends VirtioDevice {
       }
       default:
         return { status: S.UNSUPP, len: 0 };
+    }
+  }
+
+  /**
+   * Runs `op` on the image; with O_DIRECT, an EINVAL (an offset/length the host device's logical block size
+   * does not allow, e.g. 512-byte I/O on a 4Kn disk) is retried once through a buffered fd (logged once).
+   */
+  private async directFallback(op: (fh: fs.promises.FileHandle) => Promise<void>): Promise<void> {
+    try {
+      await op(this.fh!);
+    } catch (e) {
+      if (!this.direct || (e as NodeJS.ErrnoException).code !== 'EINVAL') throw e;
+      if (!this.buffered) {
+        this.opts.log.warn({ path: this.opts.path }, 'O_DIRECT refused an unaligned request: such requests use the page cache');
+        this.buffered = VirtioBlk.fsOpen(this.opts.path, this.opts.readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR);
+      }
+      this.stats.directFallbacks++;
+      await op(await this.buffered);
     }
   }
 
@@ -356,7 +371,20 @@ export class VirtioBlk extends VirtioDevice {
     const fh = this.fh;
     this.fh = undefined;
     await fh?.close();
+    const b = this.buffered;
+    this.buffered = undefined;
+    await (await b?.catch(() => undefined))?.close();
   }
+}
+
+async function readAll(fh: fs.promises.FileHandle, buf: Buffer, pos: number): Promise<void> {
+  let done = 0;
+  while (done < buf.length) {
+    const { bytesRead } = await fh.read(buf, done, buf.length - done, pos + done);
+    if (bytesRead === 0) break;
+    done += bytesRead;
+  }
+  if (done < buf.length) buf.fill(0, done);
 }
 
 async function writeAll(fh: fs.promises.FileHandle, buf: Uint8Array, pos: number): Promise<void> {

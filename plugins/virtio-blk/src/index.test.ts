@@ -213,6 +213,21 @@ describe('virtio-blk device', () => {
     expect(a.mem.readU8(w.status)).toBe(ST.OK);
     expect(fs.readFileSync(p)[100 * 512]).toBe(7);
     await a.t.close();
+    // O_DIRECT refusing a request (EINVAL, e.g. 512-byte I/O on a 4Kn host disk): retried through the page cache
+    {
+      const c = await dev(p, { direct: true });
+      const fhAny = (c.d as unknown as { fh: { read: (...a: unknown[]) => Promise<unknown> } }).fh;
+      fhAny.read = async () => {
+        throw Object.assign(new Error('EINVAL'), { code: 'EINVAL' });
+      };
+      const r3 = submit(c.drv, T.IN, 100, { inLen: 512 });
+      c.drv.kick(0);
+      await c.t.quiesce();
+      expect(c.mem.readU8(r3.status)).toBe(ST.OK);
+      expect(c.mem.readU8(r3.data[0]!)).toBe(7);
+      expect(c.d.stats.directFallbacks).toBe(1);
+      await c.t.close();
+    }
     // tmpfs rejects O_DIRECT with EINVAL on kernels before 6.6; simulate that filesystem to test the fallback.
     const realOpen = VirtioBlk.fsOpen;
     VirtioBlk.fsOpen = async (file, flags) => {
