@@ -104,6 +104,7 @@ export function parsePluginFlag(raw: string): PluginFlag {
 export function parseRunArgs(args: string[]): RunArgs {
   const { values: v, positionals } = parse('run', args, {
     help: { type: 'boolean', short: 'h' },
+    vm: { type: 'string' },
     config: { type: 'string', short: 'c' },
     host: { type: 'string' },
     memory: { type: 'string', short: 'm' },
@@ -117,6 +118,11 @@ export function parseRunArgs(args: string[]): RunArgs {
     'dry-run': { type: 'boolean' },
   }, true);
   if (positionals.length > 1) throw usageError(`run: one VM name at most (got ${positionals.join(' ')})`);
+  const vmFlag = v.vm as string | undefined;
+  if (vmFlag !== undefined && positionals[0] !== undefined && vmFlag !== positionals[0]) {
+    throw usageError(`run: two different VM names (${positionals[0]} and --vm ${vmFlag})`, { flag: '--vm' });
+  }
+  if (vmFlag === '') throw usageError('run: --vm needs a value', { flag: '--vm' });
   const logLevel = v['log-level'] as string | undefined;
   if (logLevel !== undefined && !(LOG_LEVELS as readonly string[]).includes(logLevel)) {
     throw usageError(`run: --log-level must be one of ${LOG_LEVELS.join(', ')} (got ${JSON.stringify(logLevel)})`, { flag: '--log-level' });
@@ -127,7 +133,7 @@ export function parseRunArgs(args: string[]): RunArgs {
   return {
     command: 'run',
     help: Boolean(v.help),
-    vm: positionals[0],
+    vm: positionals[0] ?? vmFlag,
     config: v.config as string | undefined,
     host: v.host as string | undefined,
     memory: int('run', '--memory', v.memory as string | undefined, 1, MAX_MEMORY_MIB),

@@ -40,6 +40,11 @@ describe('argument parsing', () => {
     });
   });
 
+  it('run --vm NAME is the same as the positional name', () => {
+    expect(parseRunArgs(['--vm', 'web']).vm).toBe('web');
+    expect(parseRunArgs(['web', '--vm', 'web']).vm).toBe('web');
+  });
+
   it('--plugin JSON may contain colons; the name ends at the first one', () => {
     expect(parsePluginFlag('serial:{"output":{"file":"c:/x"}}')).toEqual({ name: 'serial', options: { output: { file: 'c:/x' } }, raw: 'serial:{"output":{"file":"c:/x"}}' });
   });
@@ -53,6 +58,7 @@ describe('argument parsing', () => {
     [['run', '--log-level', 'loud'], /--log-level must be one of/],
     [['run', '--frobnicate'], /run: Unknown option '--frobnicate'/],
     [['run', 'a', 'b'], /one VM name at most/],
+    [['run', 'a', '--vm', 'b'], /two different VM names \(a and --vm b\)/],
     [['run', '--memory'], /run: Option '-m, --memory <value>' argument missing/],
     [['config'], /nothing to do; use kvmkit config --print/],
     [['config', '--print', 'web'], /use --vm NAME/],

@@ -16,18 +16,19 @@ current directory up to the project root (see @kvmkit/config's README).
 Exit codes: 0 ok; 1 runtime error; 2 usage or config error; run: the guest's exit code, 130/143 on SIGINT/SIGTERM.
 `;
 
-export const RUN_HELP = `Usage: kvmkit run [vm] [options]
+export const RUN_HELP = `Usage: kvmkit run [vm | --vm NAME] [options]
 
 Starts a VM and waits until it stops. The exit code is the guest's: the value written to the debug-exit
 port (0xf4, plugin platform-pc), 0 for a halt, shutdown or clean stop, 1 for a triple fault or other guest
 error (printed as "error KVMKIT_ERR_…: …"), 130 on Ctrl-C (SIGINT), 143 on SIGTERM.
 
-Config mode (a vm name, --config or --host given, or neither --kernel nor --plugin): the VM comes from the config
+Config mode (a VM name, --config or --host given, or neither --kernel nor --plugin): the VM comes from the config
 file, with the plugins of the host section that matches this host; flags override its values.
-Flag-only mode (no vm name, --config or --host, and --kernel or --plugin given): no config file is read; the VM is
+Flag-only mode (no VM name, --config or --host, and --kernel or --plugin given): no config file is read; the VM is
 built from the flags and gets the serial and platform-pc plugins by default (--no-defaults leaves them out).
 
 Options:
+  --vm NAME              the VM to run (same as the positional name; default: the only VM in the file)
   --config FILE          config file (default: search from the current directory)
   --host NAME            use the host section NAME (default: the first whose match fits, else "default")
   --memory MIB           guest RAM in MiB (default 256)
