@@ -31,6 +31,7 @@ write('proj/bad/no-default.mjs', 'export const x = 1;\n');
 write('proj/bad/not-plugin.mjs', 'export default () => ({ name: 3 });\n');
 write('proj/bad/throws.mjs', 'export default (o) => { throw new Error(`bad level ${o.level}`); };\n');
 write('proj/bad/syntax.mjs', 'export default (;\n');
+write('proj/bad/frozen.mjs', `export default () => Object.freeze({ name: 'frozen', version: '1.0.0', apply() {} });\n`);
 write('proj/bad/async.mjs', `export default async (o) => ({ name: 'async', version: '1.0.0', apply() {}, options: o });\n`);
 
 async function failure(p: Promise<unknown>): Promise<KvmkitError> {
@@ -65,6 +66,12 @@ describe('instantiatePlugins', () => {
     expect(ps[4]!.options).toEqual({ d: 4 });
     const host = new PluginHost('0.1.0');
     for (const p of ps) host.register(p);
+  });
+
+  it('a frozen plugin object without options is accepted as is', async () => {
+    const [p] = await instantiatePlugins([{ name: './bad/frozen.mjs', options: { x: 1 } }], { baseDir });
+    expect(p!.name).toBe('frozen');
+    expect(p!.options).toBeUndefined();
   });
 
   it('where names resolve to', () => {

@@ -170,7 +170,7 @@ export async function instantiatePlugins(specs: ReadonlyArray<PluginSpec & { fro
         details: { plugin: spec.name, file: mod.file },
       });
     }
-    if (p.options === undefined) (p as { options?: unknown }).options = spec.options ?? {};
+    if (p.options === undefined && Object.isExtensible(p)) (p as { options?: unknown }).options = spec.options ?? {};
     out.push(p);
   }
   return out;
