@@ -17,7 +17,9 @@ let counter = 0;
 const probeDevices = () => ({
   name: 'probe-devices', version: '0.1.0', kernel: '^0.1.0', options: {},
   apply(machine) {
-    machine.hooks.vmCreated.tapPromise('probe-devices', async (vm) => vm.createIrqchip()); // LAPIC timer, SMP
+    machine.hooks.vmCreated.tapPromise('probe-devices', async (vm) => {
+      try { vm.createIrqchip(); } catch (e) { console.error(`createIrqchip: ${e.message} (another plugin made one?)`); } // LAPIC timer, SMP
+    });
     machine.hooks.devices.tapPromise('probe-devices', async (reg) => {
       reg.addPio(0xf4, 1, { read() {}, write(_o, d) { machine.requestStop({ reason: 'guest-exit', exitCode: d[0] }); } }, 'debug-exit');
       reg.addPio(0xe0, 4, { read(_o, d) { d.set(new Uint8Array(new Uint32Array([counter]).buffer).subarray(0, d.length)); }, write() { counter++; } }, 'counter');
