@@ -30,6 +30,7 @@ export const ErrorCodes = {
   KVMKIT_ERR_GUEST_INTERNAL: 'KVM could not emulate a guest instruction (KVM_EXIT_INTERNAL_ERROR)',
   KVMKIT_ERR_GUEST_FAIL_ENTRY: 'KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY)',
   KVMKIT_ERR_GUEST_UNHANDLED_EXIT: 'a vCPU exit had no handler',
+  KVMKIT_ERR_GUEST_CRASH: 'the guest reported a crash (KVM_SYSTEM_EVENT_CRASH)',
   KVMKIT_ERR_VCPU_WORKER: 'a vCPU worker thread failed',
   KVMKIT_ERR_TIMEOUT: 'an operation timed out',
   KVMKIT_ERR_IMAGE: 'a guest image (kernel, initrd, firmware) is invalid',

@@ -448,7 +448,11 @@ export class Machine {
         } else if (exit.type === KVM_SYSTEM_EVENT.SHUTDOWN) {
           this.requestStop({ reason: 'shutdown', exitCode: 0, message: 'guest shut down' });
         } else {
-          this.requestStop({ reason: 'error', exitCode: 1, message: `guest system event ${exit.type} (crash)` });
+          const err = new KvmkitError('KVMKIT_ERR_GUEST_CRASH', `vCPU ${rt.index}: guest reported a crash (KVM_SYSTEM_EVENT type ${exit.type})`, {
+            details: { type: exit.type, data: exit.data.map((d) => `0x${d.toString(16)}`), ...this.regDump(rt) },
+          });
+          this.log.error(err.details, err.message);
+          this.requestStop({ reason: 'error', exitCode: 1, message: err.message, error: err });
         }
         return P.ACTION_PARK;
       case 'internal-error': {

@@ -22,7 +22,9 @@ export default function bootFlat(options: BootFlatOptions): Plugin {
     provides: ['firmware'],
     options,
     validateOptions(o) {
-      const x = checkOptions('boot-flat', o, { image: { type: 'object' }, ring: { type: [0, 3] }, arg: { type: 'number' } }, true);
+      const { image, arg, ...rest } = (o ?? {}) as Record<string, unknown>;
+      checkOptions('boot-flat', rest, { ring: { type: [0, 3] } });
+      const x = { image, arg };
       if (typeof x.image !== 'string' && !(x.image instanceof Uint8Array)) {
         throw new KvmkitError('KVMKIT_ERR_PLUGIN_OPTIONS', 'boot-flat: option image must be a file path or a Uint8Array', { details: { key: 'image' } });
       }

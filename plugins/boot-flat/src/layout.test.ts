@@ -26,9 +26,15 @@ describe('boot-flat layout', () => {
     expect(s.sregs?.cs?.dpl).toBe(3);
     expect(s.sregs?.tr?.limit).toBe(FLAT.tssLimit);
   });
+  it('accepts a file path or bytes as image', () => {
+    const h = new PluginHost('0.1.0');
+    expect(() => h.register(bootFlat({ image: './guest.bin', ring: 3, arg: 5n }))).not.toThrow();
+  });
   it('validates options', () => {
     const h = new PluginHost('0.1.0');
     expect(() => h.register(bootFlat({ image: 42 } as never))).toThrow(expect.objectContaining({ code: 'KVMKIT_ERR_PLUGIN_OPTIONS' }));
     expect(() => h.register(bootFlat({ image: new Uint8Array(1), ring: 2 } as never))).toThrow(expect.objectContaining({ code: 'KVMKIT_ERR_PLUGIN_OPTIONS' }));
+    expect(() => h.register(bootFlat({ image: new Uint8Array(1), arg: 'x' } as never))).toThrow(expect.objectContaining({ code: 'KVMKIT_ERR_PLUGIN_OPTIONS' }));
+    expect(() => h.register(bootFlat({ image: new Uint8Array(1), bogus: 1 } as never))).toThrow(expect.objectContaining({ code: 'KVMKIT_ERR_PLUGIN_OPTIONS' }));
   });
 });
