@@ -86,7 +86,33 @@ describe('probe guest on QEMU microvm', () => {
   });
 });
 
+describe('probe guest tests on QEMU microvm', () => {
+  it.skipIf(!!qemuSkip)(`mmio from ring 3 and the LAPIC timer${qemuSkip ? ` (SKIPPED: ${qemuSkip})` : ''}`, async () => {
+    const mmio = await runQemuProbe({ test: 'mmio', params: { iters: 200 } });
+    expect(mmio.exitStatus).toBe(0);
+    const line = mmio.probe.lines.find((l) => l.test === 'mmio')!;
+    expect(line.fields['ring']).toBe('3');
+    expect(line.fields['iters']).toBe('200');
+    expect(Number(line.fields['cycles_per_exit'])).toBeGreaterThan(0);
+    const timer = await runQemuProbe({ test: 'timer', params: { ms: 100 } });
+    expect(timer.exitStatus).toBe(0);
+    expect(Number(timer.probe.lines.find((l) => l.test === 'timer')!.fields['ticks'])).toBeGreaterThan(0);
+  });
+  it.skipIf(!!qemuSkip)(`reports an unexpected exception with status 0x7f${qemuSkip ? ` (SKIPPED: ${qemuSkip})` : ''}`, async () => {
+    const r = await runQemuProbe({ test: 'fault', params: { ring: 3 } });
+    expect(r.exitStatus).toBe(0x7f);
+    const f = r.probe.lines.find((l) => l.test === 'FAULT')!;
+    expect(f.fields).toMatchObject({ vector: '14', cs: '0x23', cr2: '0x100000000' });
+  });
+});
+
 describe('cfloor', () => {
+  it.skipIf(!!cfloorSkip)(`counts every probe pio exit (ring 3 through the TSS I/O bitmap)${cfloorSkip ? ` (SKIPPED: ${cfloorSkip})` : ''}`, async () => {
+    const r = await runCfloorProbe({ test: 'pio', params: { iters: 500 } });
+    expect(r.exitCode).toBe(0);
+    expect(r.probe.lines.find((l) => l.test === 'pio')!.fields['ring']).toBe('3');
+    expect(r.exits).toBeGreaterThanOrEqual(500);
+  });
   it.skipIf(!!cfloorSkip)(`runs a flat ring-3 port loop and exits with the counter${cfloorSkip ? ` (SKIPPED: ${cfloorSkip})` : ''}`, async () => {
     const r = await runCfloor(['flat', cfloorFlatGuestPath('count-exit'), '--arg', '42']);
     expect(r.exitCode).toBe(42);
