@@ -45,6 +45,8 @@ export const SIZE = {
   kvm_enable_cap: 104,
   kvm_run_io: 16,
   kvm_run_mmio: 24,
+  /** Header of struct kvm_nested_state (flags, format, size, hdr union); the data follows up to `size`. */
+  kvm_nested_state: 128,
 } as const;
 
 /** Field offsets (bytes) of the structs we read and write by hand. */
@@ -97,6 +99,7 @@ export const OFF = {
   kvm_mp_state: { mp_state: 0 },
   kvm_enable_cap: { cap: 0, flags: 4, args: 8 },
   kvm_vcpu_events: { exception: 0, interrupt: 8, nmi: 12, sipi_vector: 16, flags: 20, smi: 24 },
+  kvm_nested_state: { flags: 0, format: 2, size: 4, hdr: 8 },
 } as const;
 
 export const KVM = {
@@ -149,6 +152,8 @@ export const KVM = {
   SET_XSAVE: IOW(0xa5, SIZE.kvm_xsave),
   GET_XCRS: IOR(0xa6, SIZE.kvm_xcrs),
   SET_XCRS: IOW(0xa7, SIZE.kvm_xcrs),
+  GET_NESTED_STATE: IOWR(0xbe, SIZE.kvm_nested_state),
+  SET_NESTED_STATE: IOW(0xbf, SIZE.kvm_nested_state),
 } as const;
 
 export const KVM_CAP = {

@@ -122,6 +122,24 @@ export class Vcpu {
     return decodeCpuid2(b);
   }
 
+  /**
+   * KVM_GET_NESTED_STATE: the vCPU's nested-virtualization state (struct kvm_nested_state, `size` bytes as KVM
+   * reports them). `maxSize` is KVM_CHECK_EXTENSION(KVM_CAP_NESTED_STATE); throws KVMKIT_ERR_IOCTL on failure.
+   */
+  getNestedState(maxSize: number): Uint8Array {
+    const b = Buffer.alloc(Math.max(maxSize, SIZE.kvm_nested_state));
+    b.writeUInt32LE(b.length, OFF.kvm_nested_state.size);
+    const r = ffi.ioctlBuf(this.fd, KVM.GET_NESTED_STATE, b);
+    if (r < 0) throw ioctlError('GET_NESTED_STATE', r, { vcpu: this.index });
+    const size = Math.min(b.readUInt32LE(OFF.kvm_nested_state.size), b.length);
+    return new Uint8Array(b.subarray(0, Math.max(size, SIZE.kvm_nested_state)));
+  }
+
+  /** KVM_SET_NESTED_STATE with what getNestedState returned. */
+  setNestedState(state: Uint8Array): void {
+    this.set('SET_NESTED_STATE', Buffer.from(state));
+  }
+
   close(): void {
     if (this.closed) return;
     this.closed = true;
