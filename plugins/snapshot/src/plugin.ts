@@ -8,6 +8,13 @@ export interface SnapshotApi {
   base(): { path: string; sha256: string } | undefined;
   /** Sets the base (used by the restore plugin); dirty tracking starts at the next snapshot or now if the VM exists. */
   setBase(b: { path: string; sha256: string }): void;
+  /** Whether this plugin keeps KVM dirty logging on (another user of the dirty log must leave it on). */
+  logging(): boolean;
+  /**
+   * Another consumer of the KVM dirty log (live migration) hands over the bits it read (KVM clears them on
+   * read), so that the next diff still contains those pages.
+   */
+  noteDirty(slot: number, bitmap: Uint8Array): void;
 }
 
 export interface SnapshotPluginOptions {
@@ -49,6 +56,13 @@ export default function snapshotPlugin(options: SnapshotPluginOptions = {}): Plu
             }
             t.logging = true;
           }
+        },
+        logging: () => t.logging,
+        noteDirty: (slot, bm) => {
+          if (!t.logging) return;
+          const acc = t.pending.get(slot);
+          if (!acc) t.pending.set(slot, bm.slice());
+          else for (let i = 0; i < acc.length && i < bm.length; i++) acc[i]! |= bm[i]!;
         },
       };
       machine.provide('snapshot', api);
