@@ -1,13 +1,21 @@
 import * as fs from 'node:fs';
 import { KvmkitError, checkOptions, type Plugin, type MachineApi, type Logger } from '@kvmkit/kernel';
 import { Uart16550, type UartState } from './uart.js';
+import { MIRROR_INTS } from './fastpath.js';
 
 export { Uart16550, FIFO_SIZE, UART_REG, IER, IIR, FCR, LCR, MCR, LSR, MSR, DEFAULT_BACKLOG_LIMIT } from './uart.js';
 export type { UartOptions, UartState } from './uart.js';
+export { default as serialFastPath, MIRROR_LSR, MIRROR_INTS } from './fastpath.js';
 
 export const SERIAL_STATE_VERSION = 1;
 const VERSION = '0.1.0';
 /** Legacy PC COM ports and the ttyS index Linux gives them. */
+/** URL of the vCPU-thread handler module (the built file, also when running from src/ under vitest). */
+function fastPathModule(): string {
+  const here = import.meta.url;
+  return here.endsWith('.ts') ? new URL('../dist/fastpath.js', here).href : new URL('./fastpath.js', here).href;
+}
+
 const ID_RE = /^[a-z0-9][a-z0-9._-]{0,31}$/i;
 const LEGACY_PORTS: Record<number, number> = { 0x3f8: 0, 0x2f8: 1, 0x3e8: 2, 0x2e8: 3 };
 
@@ -30,6 +38,8 @@ export interface SerialOptions {
   history?: number;
   /** Gate the IRQ output with MCR.OUT2 as PC boards do (default false, like QEMU). */
   out2Gate?: boolean;
+  /** Answer LSR reads on the vCPU thread from a shared mirror (default true). */
+  fastPath?: boolean;
 }
 
 /** What the plugin publishes with `machine.provide(<plugin name>, api)`. */
@@ -69,6 +79,7 @@ function validate(o: unknown): SerialOptions {
     input: { type: ['auto', 'stdin', 'none'] },
     history: { type: 'integer' },
     out2Gate: { type: 'boolean' },
+    fastPath: { type: 'boolean' },
   });
   const r = rest as SerialOptions;
   if (r.id !== undefined && !ID_RE.test(r.id)) {
@@ -372,10 +383,13 @@ export default function serial(options: SerialOptions = {}): Plugin {
       const inputMode = o.input ?? (id === undefined ? 'auto' : 'none');
       const out = new SerialOutput(o.history ?? 1024 * 1024, outputMode === 'stdout', o.sink, log);
       let setLine: (level: boolean) => void = () => {};
+      const fast = o.fastPath ?? true;
+      const mirrorBuf = fast ? new SharedArrayBuffer(MIRROR_INTS * 4) : undefined;
       const uart = new Uart16550({
         setIrq: (level) => setLine(level),
         transmit: (b) => out.push(b),
         out2Gate: o.out2Gate ?? false,
+        ...(mirrorBuf ? { lsrMirror: new Int32Array(mirrorBuf) } : {}),
       });
       const stdin = new StdinInput(
         (b) => uart.enqueueInput(b),
@@ -396,7 +410,7 @@ export default function serial(options: SerialOptions = {}): Plugin {
       machine.hooks.devices.tapPromise(name, async (reg) => {
         const irq = reg.allocateIrq(name, irqWant);
         setLine = (level) => reg.setIrq(irq, level);
-        reg.addPio(port, 8, uart, name);
+        reg.addPio(port, 8, uart, name, mirrorBuf ? { module: fastPathModule(), shared: mirrorBuf } : undefined);
         if (wantConsole) reg.addCmdline(consoleArg(port));
         if (typeof outputMode === 'object') {
           try {

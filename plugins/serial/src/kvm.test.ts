@@ -88,7 +88,39 @@ function irqCode(): Uint8Array {
 /** l: in al,0x3fd; test al,1 (DR); jz l; in al,0x3f8; out 0xf4,al; hlt — exits with the first received byte. */
 const ECHO_CODE = [0xba, 0xfd, 0x03, 0xec, 0xa8, 0x01, 0x74, 0xf8, 0xba, 0xf8, 0x03, 0xec, 0xe6, 0xf4, 0xf4];
 
+/** Polls LSR.THRE before every THR write (what Linux's console does): l: in 0x3fd; test 0x20; jz l; lodsb; … */
+function politeHelloCode(msg: string): Uint8Array {
+  const msgAddr = LOAD + 0x1b;
+  const code = [
+    0xbe, msgAddr & 0xff, msgAddr >> 8, // mov si, msg
+    0xba, 0xfd, 0x03, 0xec, 0xa8, 0x20, 0x74, 0xf8, // l: mov dx,0x3fd; in al,dx; test al,0x20; jz l
+    0xac, 0x84, 0xc0, 0x74, 0x06, // lodsb; test al,al; jz done
+    0xba, 0xf8, 0x03, 0xee, 0xeb, 0xed, // mov dx,0x3f8; out dx,al; jmp l
+    0xb0, 0x00, 0xe6, 0xf4, 0xf4, // done: mov al,0; out 0xf4,al; hlt
+  ];
+  return Uint8Array.from([...code, ...Buffer.from(msg + '\0', 'latin1')]);
+}
+
 describe.skipIf(!hasKvm)('serial on /dev/kvm', () => {
+  it('answers LSR polls on the vCPU thread: one main-thread exit per character instead of two', async () => {
+    const msg = 'x'.repeat(200) + '\n';
+    const exits: Record<string, number> = {};
+    for (const fastPath of [true, false]) {
+      const chunks: Uint8Array[] = [];
+      const m = new Machine({
+        config: { name: `serial-fast-${fastPath}`, memory: 16, cpus: 1 },
+        plugins: [testPlatform(false), serial({ output: 'none', console: false, fastPath, sink: (b) => chunks.push(b) }), realModeBoot(politeHelloCode(msg))],
+        log: silentLogger(),
+      });
+      const r = await run(m);
+      expect(r).toMatchObject({ reason: 'guest-exit', exitCode: 0 });
+      expect(Buffer.concat(chunks).toString()).toBe(msg);
+      exits[String(fastPath)] = m.stats.mainExits;
+    }
+    expect(exits.true).toBeLessThanOrEqual(msg.length + 5);
+    expect(exits.false).toBeGreaterThanOrEqual(2 * msg.length);
+  });
+
   it('inject() reaches a guest polling LSR.DR', async () => {
     const m = new Machine({
       config: { name: 'serial-inject', memory: 16, cpus: 1 },

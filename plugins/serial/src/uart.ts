@@ -32,6 +32,11 @@ export interface UartOptions {
   out2Gate?: boolean;
   /** Maximum bytes of host input queued behind the RX FIFO (default 64 KiB). */
   backlogLimit?: number;
+  /**
+   * Shared mirror for the vCPU-thread fast path: element 0 is kept equal to LSR whenever reading LSR has no side
+   * effects, and -1 otherwise (see fastpath.ts).
+   */
+  lsrMirror?: Int32Array;
 }
 
 /** Saved UART state (section version 1). */
@@ -92,6 +97,7 @@ export class Uart16550 {
   private readonly transmitFn: (byte: number) => void;
   private readonly out2Gate: boolean;
   private readonly backlogLimit: number;
+  private readonly lsrMirror: Int32Array | undefined;
   /** Bytes dropped: RX overruns and host input beyond the backlog limit. */
   overruns = 0;
   droppedInput = 0;
@@ -101,6 +107,15 @@ export class Uart16550 {
     this.transmitFn = opts.transmit;
     this.out2Gate = opts.out2Gate ?? false;
     this.backlogLimit = opts.backlogLimit ?? DEFAULT_BACKLOG_LIMIT;
+    this.lsrMirror = opts.lsrMirror;
+    this.syncMirror();
+  }
+
+  /** Publishes LSR for the vCPU-thread fast path (-1 while a read would clear error bits). */
+  private syncMirror(): void {
+    if (!this.lsrMirror) return;
+    const v = this.lsr & (LSR.OE | LSR.PE | LSR.FE | LSR.BI) ? -1 : this.lsr;
+    Atomics.store(this.lsrMirror, 0, v);
   }
 
   get fifoEnabled(): boolean {
@@ -147,6 +162,7 @@ export class Uart16550 {
   }
 
   private update(): void {
+    this.syncMirror();
     let level = this.pendingId() !== IIR.NO_INT;
     if (this.out2Gate && !(this.mcr & MCR.OUT2)) level = false;
     if (level !== this.irqLevel) {
@@ -394,5 +410,6 @@ export class Uart16550 {
     if (this.out2Gate && !(this.mcr & MCR.OUT2)) level = false;
     this.irqLevel = level;
     this.setIrqFn(level);
+    this.syncMirror();
   }
 }
