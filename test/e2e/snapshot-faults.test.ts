@@ -38,8 +38,8 @@ describe.skipIf(!hasKvm)('snapshot faults give coded errors', () => {
     return { state, mem: join(d, basename(s.memoryPath)) };
   }
   const plugins = (): Plugin[] => [exitPort(), counter({ mmio: false }), snapshotPlugin()];
-  const tryRestore = async (path: string, mode: 'eager' | 'lazy' = 'eager', memory = MEM, cpus = 1, ps = plugins()) => {
-    const { machine } = await restore({ path, mode, config: { name: 'r', memory, cpus }, plugins: ps, log });
+  const tryRestore = async (path: string, mode: 'eager' | 'lazy' = 'eager', memory = MEM, cpus = 1, ps = plugins(), verify = false) => {
+    const { machine } = await restore({ path, mode, verify, config: { name: 'r', memory, cpus }, plugins: ps, log });
     await machine.stop();
     return machine;
   };
@@ -48,6 +48,7 @@ describe.skipIf(!hasKvm)('snapshot faults give coded errors', () => {
     const c = copy();
     await expect(tryRestore(c.state)).resolves.toBeDefined();
     await expect(tryRestore(c.state, 'lazy')).resolves.toBeDefined();
+    await expect(tryRestore(c.state, 'lazy', MEM, 1, plugins(), true)).resolves.toBeDefined();
   });
   it('missing state file → KVMKIT_ERR_SNAPSHOT_NOT_FOUND', async () => {
     await expect(tryRestore(join(dir, 'nope.snap'))).rejects.toMatchObject({ code: 'KVMKIT_ERR_SNAPSHOT_NOT_FOUND' });
@@ -80,13 +81,14 @@ describe.skipIf(!hasKvm)('snapshot faults give coded errors', () => {
     writeFileSync(c.state, b);
     await expect(tryRestore(c.state)).rejects.toMatchObject({ code: 'KVMKIT_ERR_SNAPSHOT_CHECKSUM' });
   });
-  it('memory file: flipped byte → CHECKSUM (eager; lazy checks the size only), truncated → TRUNCATED, missing → NOT_FOUND', async () => {
+  it('memory file: flipped byte → CHECKSUM (eager, lazy+verify; plain lazy checks the size only), truncated → TRUNCATED, missing → NOT_FOUND', async () => {
     const c = copy();
     const fd = readFileSync(c.mem);
     fd[0x400000 + 5]! ^= 0xff;
     writeFileSync(c.mem, fd);
     await expect(tryRestore(c.state)).rejects.toMatchObject({ code: 'KVMKIT_ERR_SNAPSHOT_CHECKSUM', message: expect.stringMatching(/memory file/) });
     await expect(tryRestore(c.state, 'lazy')).resolves.toBeDefined();
+    await expect(tryRestore(c.state, 'lazy', MEM, 1, plugins(), true)).rejects.toMatchObject({ code: 'KVMKIT_ERR_SNAPSHOT_CHECKSUM' });
     truncateSync(c.mem, 4096);
     await expect(tryRestore(c.state)).rejects.toMatchObject({ code: 'KVMKIT_ERR_SNAPSHOT_TRUNCATED' });
     await expect(tryRestore(c.state, 'lazy')).rejects.toMatchObject({ code: 'KVMKIT_ERR_SNAPSHOT_TRUNCATED' });
