@@ -91,16 +91,16 @@ describe.skipIf(!hasKvm || online.length < 2)('pinning on /dev/kvm (needs 2 onli
     expect(ffi.getAffinity(0)).toEqual(mainBefore); // restored after stop
   });
 
-  for (const [a, b] of [[0, 1], [1, 0]] as const) {
-    it(`pins vCPU0 to CPU ${a}, vCPU1 to CPU ${b} and the main thread to 0-1 (checked in /proc/<pid>/task/<tid>/status)`, async () => {
-      const m = new Machine({ config: { name: 'pin', memory: 16, cpus: 2 }, plugins: [pinning({ vcpu0: [a], vcpu1: [b], io: [0, 1] }), bootFlat({ image: spin, ring: 3 })], log });
+  for (const [a, b, io] of [[0, 1, [0, 1]], [1, 0, [1]]] as const) {
+    it(`pins vCPU0 to CPU ${a}, vCPU1 to CPU ${b} and the main thread to ${io.join('-')} (checked in /proc/<pid>/task/<tid>/status)`, async () => {
+      const m = new Machine({ config: { name: 'pin', memory: 16, cpus: 2 }, plugins: [pinning({ vcpu0: [a], vcpu1: [b], io: [...io] }), bootFlat({ image: spin, ring: 3 })], log });
       await m.start();
       try {
         const tids = m.vcpuThreadIds;
         expect(tids).toHaveLength(2);
         expect(cpusAllowed(tids[0]!)).toBe(String(a));
         expect(cpusAllowed(tids[1]!)).toBe(String(b));
-        expect(cpusAllowed(process.pid)).toBe('0-1');
+        expect(cpusAllowed(ffi.gettid())).toBe(io.join('-')); // the VMM's main thread = the thread that runs the Machine
         const api = m.api.use<PinningApi>('pinning')!;
         expect(api.applied().map((x) => x.cpus)).toEqual([[a], [b]]);
       } finally {

@@ -196,7 +196,7 @@ export default function pinning(options: PinningOptions = {}): Plugin {
         if (seen === machine.config.cpus && plan.io) {
           mainBefore = ffi.getAffinity(0);
           pin('main thread', 0, plan.io);
-          log.debug({ tid: process.pid, cpus: formatCpuList(plan.io) }, 'main thread pinned');
+          log.debug({ tid: ffi.gettid(), cpus: formatCpuList(plan.io) }, 'main thread pinned');
         }
       });
 
