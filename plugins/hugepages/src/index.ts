@@ -200,6 +200,12 @@ export default function hugepages(options: HugepagesOptions = {}): Plugin {
             }
             backings.push({ name: reg.name, hva: reg.hva, size: reg.size, kind: 'thp' });
           } else {
+            if (effective === 'hugetlb') {
+              // Another plugin's allocateMemory tap answered first (e.g. a snapshot restore mapping a file).
+              const message = `hugepages: RAM range ${reg.name} was mapped by another plugin before this one; it is not on huge pages (register hugepages earlier)`;
+              warnings.push({ code: HUGEPAGES_ERRORS.UNSUPPORTED, message });
+              log.warn({ code: HUGEPAGES_ERRORS.UNSUPPORTED, range: reg.name }, message);
+            }
             backings.push({ name: reg.name, hva: reg.hva, size: reg.size, kind: 'anonymous' });
           }
         }
