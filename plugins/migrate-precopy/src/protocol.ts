@@ -46,12 +46,24 @@ export interface Frame {
 }
 
 export function encodeFrame(type: number, payload: Uint8Array = Buffer.alloc(0)): Buffer {
-  const b = Buffer.allocUnsafe(FRAME_HEADER + payload.byteLength + 4);
+  const f = allocFrame(type, payload.byteLength);
+  f.payload.set(payload);
+  return sealFrame(f.frame);
+}
+
+/** A frame buffer whose payload the caller fills in place (saves a copy for page data); then sealFrame(). */
+export function allocFrame(type: number, payloadLength: number): { frame: Buffer; payload: Buffer } {
+  const b = Buffer.allocUnsafe(FRAME_HEADER + payloadLength + 4);
   b.writeUInt32LE(FRAME_MAGIC, 0);
   b.writeUInt32LE(type, 4);
-  b.writeUInt32LE(payload.byteLength, 8);
-  b.set(payload, FRAME_HEADER);
-  b.writeUInt32LE(crc32(b.subarray(0, FRAME_HEADER + payload.byteLength)), FRAME_HEADER + payload.byteLength);
+  b.writeUInt32LE(payloadLength, 8);
+  return { frame: b, payload: b.subarray(FRAME_HEADER, FRAME_HEADER + payloadLength) };
+}
+
+/** Writes the CRC32 trailer of a frame from allocFrame(). */
+export function sealFrame(b: Buffer): Buffer {
+  const end = b.length - 4;
+  b.writeUInt32LE(crc32(b.subarray(0, end)), end);
   return b;
 }
 
@@ -159,9 +171,13 @@ export class Channel {
   }
 
   /** Sends one frame; resolves when the socket accepted it (waits for 'drain' under backpressure). */
-  async send(type: number, payload?: Uint8Array): Promise<void> {
+  send(type: number, payload?: Uint8Array): Promise<void> {
+    return this.sendFrame(encodeFrame(type, payload));
+  }
+
+  /** Sends a sealed frame (allocFrame + sealFrame). */
+  async sendFrame(b: Buffer): Promise<void> {
     if (this.failure) throw this.failure;
-    const b = encodeFrame(type, payload);
     this.bytesSent += b.length;
     if (!this.socket.write(b)) {
       await new Promise<void>((res, rej) => {

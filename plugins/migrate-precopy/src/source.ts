@@ -1,7 +1,7 @@
 import { connect as netConnect, type Socket } from 'node:net';
 import { KvmkitError, checkOptions, encodeState, type MachineApi, type MemoryRegion, type Strategy } from '@kvmkit/kernel';
 import { requireStateful, hostInfo, bitmapPages, type SnapshotApi } from '@kvmkit/plugin-snapshot';
-import { Channel, F, PAGE, PROTOCOL, PROTOCOL_VERSION, checkAddress, migErr, type Address } from './protocol.js';
+import { Channel, F, PAGE, allocFrame, sealFrame, PROTOCOL, PROTOCOL_VERSION, checkAddress, migErr, type Address } from './protocol.js';
 
 export interface MigrateOptions {
   /** Destination: a unix socket path, "host:port" or { host, port } (loopback only unless allowRemote). */
@@ -42,7 +42,7 @@ export interface MigrationReport {
   phases: { pause: number; finalPages: number; state: number; restore: number; commit: number };
 }
 
-const BATCH = 64;
+const BATCH = 256;
 const ZERO_PAGE = Buffer.alloc(PAGE);
 
 function pageBuf(r: MemoryRegion, p: number): Buffer {
@@ -65,7 +65,7 @@ class Sender {
       if (data.length === 0) return;
       const tf = performance.now();
       const n = data.length;
-      const b = Buffer.allocUnsafe(8 + 4 * n + PAGE * n);
+      const { frame, payload: b } = allocFrame(F.PAGES, 8 + 4 * n + PAGE * n);
       b.writeUInt32LE(ri, 0);
       b.writeUInt32LE(n, 4);
       data.forEach((p, k) => {
@@ -75,7 +75,7 @@ class Sender {
       this.pagesSent += n;
       this.dataBytes += b.length;
       data = [];
-      await this.ch.send(F.PAGES, b);
+      await this.ch.sendFrame(sealFrame(frame));
       this.sendMs += performance.now() - tf;
     };
     const flushZero = async () => {
