@@ -43,7 +43,7 @@ describe.skipIf(!!why)('virtio devices under a Linux guest (KVMKIT_SLOW=1)', () 
     ip('netns', 'add', ns);
     const log = createLogger({ level: (process.env.KVMKIT_LOG_LEVEL as 'info' | undefined) ?? 'warn', pretty: false });
     const m = new Machine({
-      config: { name: 'virtio-linux', memory: 256, cpus: 1, cmdline: 'panic=-1 ip=10.77.0.2::10.77.0.1:255.255.255.0::eth0:off' },
+      config: { name: 'virtio-linux', memory: 256, cpus: Number(process.env.KVMKIT_VIRTIO_CPUS ?? 2), cmdline: 'panic=-1 ip=10.77.0.2::10.77.0.1:255.255.255.0::eth0:off' },
       plugins: [
         platformPc(),
         ...(onPvm ? [hostPvm()] : []),
