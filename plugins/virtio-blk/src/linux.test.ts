@@ -7,7 +7,8 @@
  * Status when written (nested PVM host, load ~6 on 2 cores): NOT yet seen passing. The guest's console stops
  * after "clocksource: Switched to clocksource kvm-clock" (before any device_initcall, so before virtio
  * probing) for the whole 560 s budget — and it does the same with no virtio device at all (platform-pc +
- * host-pvm + serial + boot-linux only), so the stall is in the boot path, not in these devices.
+ * host-pvm + serial + boot-linux only), so the stall is in the boot path, not in these devices. With 2 vCPUs
+ * it stops one line earlier ("vgaarb: loaded").
  */
 import { describe, it, expect } from 'vitest';
 import { execFileSync } from 'node:child_process';
