@@ -105,6 +105,7 @@ export class Machine {
   private registry: DeviceRegistry | undefined;
   private cmdline = '';
   private resetRequested = false;
+  private devicesRan = false;
   private readonly kvmPath: string | undefined;
   private readonly mailboxWake: 'waitAsync' | 'eventfd';
   /** Number of exits handled on the main thread per vCPU (diagnostics). */
@@ -181,6 +182,22 @@ export class Machine {
     } catch (e) {
       const err = toKvmkitError(e, 'KVMKIT_ERR_PLUGIN_HOOK');
       this.fail(err);
+      // Devices may hold host resources (TAP fds, eventfds, files) from the devices hook on: let them go.
+      if (this.devicesRan) {
+        try {
+          await this.hooks.afterStop.promise(this.api);
+        } catch (e2) {
+          this.log.error({ err: e2 }, 'an afterStop tap failed after a failed start');
+        }
+      }
+      for (const rt of this.runtimes) {
+        Atomics.store(rt.ctrl, P.CMD, P.CMD_STOP);
+        Atomics.notify(rt.ctrl, P.CMD);
+        Atomics.notify(rt.ctrl, P.STATE);
+        await rt.worker.terminate();
+        rt.watch?.close();
+        rt.wake?.close();
+      }
       await this.release();
       this._state = 'stopped';
       this.settle({ reason: 'error', exitCode: 1, message: err.message, error: err });
@@ -233,6 +250,7 @@ export class Machine {
     await this.guard('vmCreated', undefined, () => this.hooks.vmCreated.promise(vm));
 
     const registry = (this.registry = new DeviceRegistry(this.pio, this.mmio, memory, vm, layout, log));
+    this.devicesRan = true;
     await this.guard('devices', undefined, () => this.hooks.devices.promise(registry));
     const parts = await this.guard('cmdline', undefined, () => this.hooks.cmdline.call([...registry.cmdlineParts]));
     this.cmdline = [...parts, this.config.cmdline ?? ''].filter((s) => s.length > 0).join(' ');
@@ -607,7 +625,7 @@ export class Machine {
       rt.watch?.close();
       rt.wake?.close();
     }
-    if (wasStarted) {
+    if (wasStarted || this.devicesRan) {
       try {
         await this.hooks.afterStop.promise(this.api);
       } catch (e) {

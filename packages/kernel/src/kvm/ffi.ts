@@ -30,6 +30,7 @@ const c_sched_setaffinity = libc.func('int sched_setaffinity(int pid, size_t siz
 const c_sched_getaffinity = libc.func('int sched_getaffinity(int pid, size_t size, void *mask)');
 const c_memfd_create = libc.func('int memfd_create(const char *name, unsigned int flags)');
 const c_ftruncate = libc.func('int ftruncate(int fd, long len)');
+const c_fallocate = libc.func('int fallocate(int fd, int mode, long offset, long len)');
 
 export const O_RDWR = 2;
 export const O_CLOEXEC = 0o2000000;
@@ -166,6 +167,16 @@ export function memfdCreate(name: string, flags = 1 /* MFD_CLOEXEC */): number {
   const fd = c_memfd_create(name, flags) as number;
   if (fd < 0) throw sysFail('memfd_create', errno());
   return fd;
+}
+
+export const FALLOC_FL_KEEP_SIZE = 1;
+export const FALLOC_FL_PUNCH_HOLE = 2;
+export const FALLOC_FL_ZERO_RANGE = 0x10;
+
+/** fallocate(2); returns 0 or -errno (EOPNOTSUPP where the filesystem cannot). */
+export function fallocate(fd: number, mode: number, offset: number, len: number): number {
+  const r = c_fallocate(fd, mode, offset, len) as number;
+  return r < 0 ? -errno() : 0;
 }
 
 export function ftruncate(fd: number, len: number): void {
