@@ -1,0 +1,67 @@
+/**
+ * Snapshot of a booting Linux guest, restored in a NEW process, reaches `Run /init`. Runs only with
+ * KVMKIT_SLOW=1 KVMKIT_SLOW_SNAPSHOT_LINUX=1: on the nested PVM development hosts guest ring 0 is emulated
+ * and Linux boots currently stall intermittently after "vgaarb: loaded" / before device probing — also
+ * without any snapshot (see the virtio-blk slow test's notes). Seen here (2026-11-25, loaded 2-core host):
+ * the restored guest continued from the middle of the "Memory:" line through timer/APIC/SMP setup,
+ * "Switched to clocksource kvm-clock", "Unpacking initramfs", "Switched to clocksource tsc" and the I/O
+ * schedulers (run 3, stopped by a 150 s cap), and in two other runs stalled after vgaarb / kvm-clock.
+ */
+import { describe, it, expect } from 'vitest';
+import { spawn } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { Machine, silentLogger, type Plugin } from '@kvmkit/kernel';
+import serial, { type SerialApi } from '@kvmkit/plugin-serial';
+import platformPc from '@kvmkit/plugin-platform-pc';
+import hostPvm from '@kvmkit/plugin-host-pvm';
+import bootLinux from '@kvmkit/plugin-boot-linux';
+import snapshotPlugin, { snapshot } from '@kvmkit/plugin-snapshot';
+import { findGuestKernel } from '@kvmkit/testkit';
+import { hasKvm } from './helpers.js';
+
+const slow = process.env.KVMKIT_SLOW === '1';
+const kernel = findGuestKernel();
+const onPvm = existsSync('/sys/module/kvm_pvm');
+const CHILD = fileURLToPath(new URL('../../plugins/snapshot/fixtures/linux-child.mjs', import.meta.url));
+const why = !slow || process.env.KVMKIT_SLOW_SNAPSHOT_LINUX !== '1' ? 'set KVMKIT_SLOW=1 KVMKIT_SLOW_SNAPSHOT_LINUX=1 (Linux boots stall intermittently on this host, see the file comment)' : !hasKvm ? 'no /dev/kvm' : !kernel?.vmlinux || !kernel.initrd ? 'no guest kernel' : '';
+if (why) console.warn(`[kvmkit e2e] Linux snapshot test skipped: ${why}`);
+
+function child(args: Record<string, unknown>): Promise<any> {
+  return new Promise((res, rej) => {
+    const p = spawn(process.execPath, [CHILD, JSON.stringify(args)], { stdio: ['ignore', 'pipe', 'inherit'] });
+    let buf = '';
+    p.stdout.on('data', (d) => (buf += d));
+    p.on('error', rej);
+    p.on('close', () => res(JSON.parse(buf.trim().split('\n').pop() || '{}')));
+  });
+}
+
+describe.skipIf(!!why)('Linux guest snapshot (KVMKIT_SLOW=1)', () => {
+  it('a Linux guest snapshotted early in its boot reaches Run /init after a lazy restore in a new process', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'kvmkit-linux-snap-'));
+    try {
+      const plugins = (): Plugin[] => [platformPc({}), ...(onPvm ? [hostPvm({})] : []), serial({ output: 'none', input: 'none' })];
+      const config = { name: 'linux-snap', memory: 256, cpus: 1, cmdline: 'panic=-1' };
+      const m = new Machine({ config, plugins: [...plugins(), snapshotPlugin(), bootLinux({ kernel: kernel!.vmlinux!, initrd: kernel!.initrd! })], log: silentLogger() });
+      await m.start();
+      const con = m.api.use<SerialApi>('serial')!;
+      // Early in start_kernel: the rest of the boot (timers, SMP/APIC setup, initcalls, initramfs) runs after restore.
+      await con.waitFor(/Memory: \d+K\/\d+K available/, 300_000);
+      const path = join(dir, 'linux.snap');
+      const snap = await snapshot(m, { path, then: 'stop', progress: false });
+      expect(con.text()).not.toMatch(/Run \/init/);
+      await m.waitForStop();
+      const r = await child({ path: snap.path, mode: 'lazy', memory: 256, cpus: 1, cmdline: config.cmdline, pattern: 'Run /init as init process', timeoutMs: Number(process.env.KVMKIT_SNAPSHOT_LINUX_TIMEOUT_S ?? 700) * 1000, sampleRips: Number(process.env.KVMKIT_SNAPSHOT_LINUX_SAMPLE_MS ?? 0) });
+      expect(r.error, r.text).toBeUndefined();
+      expect(r.ok).toBe(true);
+      // The restored console starts where the snapshot left off: it never printed the early boot again.
+      expect(r.text).not.toMatch(/Linux version/);
+      console.log(`[snapshot-linux] restored (lazy, ${r.info.phases ? JSON.stringify(r.info.phases) : ''}) and reached Run /init ${r.atS.toFixed(1)} s later`);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 1_000_000);
+});
