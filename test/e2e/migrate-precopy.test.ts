@@ -97,11 +97,14 @@ describe.skipIf(!hasKvm)('pre-copy live migration between two processes', () => 
     const m = await source('mig-rounds');
     const d = await startDest({ listen: join(dir, 'r.sock'), runMs: 50 });
     const report = await migrate(m, { to: d.address, downtimeMs: 0, maxRounds: 4 });
-    expect(report.rounds).toBe(4);
+    // With a zero budget only a round that found no dirty page ends early (a busy guest that the loaded host did
+    // not schedule during a round); otherwise the round limit ends it.
+    expect(report.rounds).toBeGreaterThanOrEqual(1);
+    expect(report.rounds).toBeLessThanOrEqual(4);
     expect(m.state).toBe('stopped');
     const r = await d.result;
     expect(r.verify.ok).toBe(true);
-    expect(r.report.rounds).toBe(3);
+    expect(r.report.rounds).toBe(report.rounds - 1);
   });
 
   it('a stream cut at every phase leaves the source running as before; the destination cleans up', async () => {
