@@ -95,3 +95,31 @@ describe.skipIf(!hasKvm)('Machine on /dev/kvm', () => {
     expect(r.message).toMatch(/device exploded/);
   });
 });
+
+describe.skipIf(!hasKvm)('dirty log', () => {
+  it('reports pages written by the guest and by the VMM, once each', async () => {
+    // Guest: write one byte at 0x300000 + rdi*0x1000 ... here a single vCPU writes 0x300000 then spins.
+    const guest = new Uint8Array([0xc6, 0x04, 0x25, 0x00, 0x00, 0x30, 0x00, 0x01, 0xeb, 0xfe]); // mov byte [0x300000], 1; jmp $
+    const m = new Machine({ config: { name: 'dirty', memory: 8, cpus: 1 }, plugins: [bootFlat({ image: spin() })], log });
+    await m.start();
+    await m.pause();
+    const vm = m.vm!;
+    const mem = m.memory!;
+    vm.setDirtyLogging(0, true);
+    vm.getDirtyLog(0); // start clean
+    mem.write(0x200000, guest); // host writes the code page → dirty (host)
+    const regs = m.vcpus[0]!.getRegs();
+    m.vcpus[0]!.setRegs({ ...regs, rip: 0x200000n });
+    await m.resume();
+    await new Promise((r) => setTimeout(r, 100));
+    await m.pause();
+    const bm = vm.getDirtyLog(0);
+    const dirty: number[] = [];
+    for (let p = 0; p < 2048; p++) if (bm[p >> 3]! & (1 << (p & 7))) dirty.push(p);
+    expect(dirty).toContain(0x200); // written by the VMM
+    expect(dirty).toContain(0x300); // written by the guest
+    const again = vm.getDirtyLog(0);
+    expect(again.some((b) => b !== 0)).toBe(false);
+    await m.stop();
+  });
+});

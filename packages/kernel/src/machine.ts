@@ -246,6 +246,7 @@ export class Machine {
     await this.guard('memoryMapped', undefined, () => this.hooks.memoryMapped.promise(memory));
 
     const vm = (this._vm = new Vm(kvm));
+    vm.hostDirty = memory;
     for (const r of memory.regions) vm.setMemoryRegion(r.slot, r.gpa, r.size, r.hva);
     await this.guard('vmCreated', undefined, () => this.hooks.vmCreated.promise(vm));
 

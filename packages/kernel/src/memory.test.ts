@@ -68,3 +68,25 @@ describe('GuestMemory', () => {
     expect(m.contains(0, 1)).toBe(false);
   });
 });
+
+describe('GuestMemory host write tracking', () => {
+  it('records pages written by the VMM while tracking is on, in the dirty-log bitmap format', () => {
+    const m = new GuestMemory([{ gpa: 0x100000n, size: 0x10000, bytes: new Uint8Array(0x10000), hva: 0n, slot: 3, name: 'r' }]);
+    m.writeU32(0x100000, 1); // not tracked yet
+    expect(m.takeHostDirty(3)).toBeUndefined();
+    m.setHostTracking(3, true);
+    m.writeU8(0x101000, 1); // page 1
+    m.range(0x102ffe, 4).set([1, 2, 3, 4]); // pages 2 and 3
+    m.read(0x105000, 16); // reads are not writes
+    m.view(0x106000, 16);
+    m.markWritten(0x10f000, 1); // page 15
+    m.markWritten(0x200000, 1); // outside RAM: ignored
+    const bm = m.takeHostDirty(3)!;
+    expect(bm.length).toBe(8);
+    expect(Array.from(bm.subarray(0, 2))).toEqual([0b1110, 0b10000000]);
+    expect(Array.from(m.takeHostDirty(3)!.subarray(0, 2))).toEqual([0, 0]); // taking clears
+    m.setHostTracking(3, false);
+    m.writeU8(0x101000, 2);
+    expect(m.takeHostDirty(3)).toBeUndefined();
+  });
+});

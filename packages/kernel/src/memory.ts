@@ -27,6 +27,8 @@ export class GuestMemory {
   readonly regions: readonly MemoryRegion[];
   private closed = false;
   private views: DataView[];
+  /** Per region: a bitmap of pages the VMM wrote (KVM's dirty-log format) while host tracking is on. */
+  private hostDirty: Array<Uint8Array | undefined>;
 
   constructor(regions: MemoryRegion[]) {
     const sorted = [...regions].sort((a, b) => (a.gpa < b.gpa ? -1 : a.gpa > b.gpa ? 1 : 0));
@@ -44,6 +46,50 @@ export class GuestMemory {
     }
     this.regions = Object.freeze(sorted);
     this.views = sorted.map((r) => new DataView(r.bytes.buffer, r.bytes.byteOffset, r.bytes.byteLength));
+    this.hostDirty = sorted.map(() => undefined);
+  }
+
+  /**
+   * Host write tracking for the region with KVM slot `slot`: KVM's dirty log sees only guest writes, so pages the
+   * VMM writes (device DMA through `range()`/`write*()`/`fill()`) are recorded here and merged by
+   * `Vm.getDirtyLog`. Turned on and off with the slot's dirty logging.
+   */
+  setHostTracking(slot: number, on: boolean): void {
+    const i = this.regions.findIndex((r) => r.slot === slot);
+    if (i < 0) return;
+    const pages = Math.ceil(this.regions[i]!.size / 4096);
+    this.hostDirty[i] = on ? (this.hostDirty[i] ?? new Uint8Array(Math.ceil(pages / 64) * 8)) : undefined;
+  }
+
+  /** Takes (returns and clears) the host-written page bitmap of slot `slot`; undefined when not tracking. */
+  takeHostDirty(slot: number): Uint8Array | undefined {
+    const i = this.regions.findIndex((r) => r.slot === slot);
+    const bm = i < 0 ? undefined : this.hostDirty[i];
+    if (!bm) return undefined;
+    const out = bm.slice();
+    bm.fill(0);
+    return out;
+  }
+
+  /**
+   * Records that the VMM wrote [gpa, gpa+len) through a view it keeps (e.g. a virtqueue's cached used ring),
+   * for host write tracking. A no-op when tracking is off; never throws for ranges outside RAM.
+   */
+  markWritten(gpa: bigint | number, len: number): void {
+    if (!this.hostDirty.some((b) => b !== undefined)) return;
+    try {
+      const { i, off } = this.locate(gpa, len);
+      this.markDirty(i, off, len);
+    } catch {
+      /* outside RAM: nothing to record */
+    }
+  }
+
+  private markDirty(i: number, off: number, len: number): void {
+    const bm = this.hostDirty[i];
+    if (!bm || len === 0) return;
+    const last = Math.floor((off + len - 1) / 4096);
+    for (let p = Math.floor(off / 4096); p <= last; p++) bm[p >> 3]! |= 1 << (p & 7);
   }
 
   /** Convenience for tests and tools: one region of `size` bytes at GPA 0 over a fresh ArrayBuffer. */
@@ -100,15 +146,26 @@ export class GuestMemory {
     }
   }
 
-  /** A view of [gpa, gpa+len) that aliases guest memory. Throws when out of bounds. */
+  /**
+   * A writable view of [gpa, gpa+len) that aliases guest memory. Throws when out of bounds. With host write
+   * tracking on, its pages count as written (use `view()` to only read).
+   */
   range(gpa: bigint | number, len: number): Uint8Array {
+    const { i, off } = this.locate(gpa, len);
+    this.markDirty(i, off, len);
+    const b = this.regions[i]!.bytes;
+    return b.subarray(off, off + len);
+  }
+
+  /** Like `range()` for reading: the caller promises not to write through it (no dirty tracking). */
+  view(gpa: bigint | number, len: number): Uint8Array {
     const { i, off } = this.locate(gpa, len);
     const b = this.regions[i]!.bytes;
     return b.subarray(off, off + len);
   }
 
   read(gpa: bigint | number, len: number): Uint8Array {
-    return this.range(gpa, len).slice();
+    return this.view(gpa, len).slice();
   }
 
   write(gpa: bigint | number, data: Uint8Array): void {
@@ -119,8 +176,9 @@ export class GuestMemory {
     this.range(gpa, len).fill(value);
   }
 
-  private dv(gpa: bigint | number, len: number): { v: DataView; off: number } {
+  private dv(gpa: bigint | number, len: number, write = false): { v: DataView; off: number } {
     const { i, off } = this.locate(gpa, len);
+    if (write) this.markDirty(i, off, len);
     return { v: this.views[i]!, off };
   }
 
@@ -141,19 +199,19 @@ export class GuestMemory {
     return v.getBigUint64(off, true);
   }
   writeU8(gpa: bigint | number, x: number): void {
-    const { v, off } = this.dv(gpa, 1);
+    const { v, off } = this.dv(gpa, 1, true);
     v.setUint8(off, x);
   }
   writeU16(gpa: bigint | number, x: number): void {
-    const { v, off } = this.dv(gpa, 2);
+    const { v, off } = this.dv(gpa, 2, true);
     v.setUint16(off, x, true);
   }
   writeU32(gpa: bigint | number, x: number): void {
-    const { v, off } = this.dv(gpa, 4);
+    const { v, off } = this.dv(gpa, 4, true);
     v.setUint32(off, x >>> 0, true);
   }
   writeU64(gpa: bigint | number, x: bigint): void {
-    const { v, off } = this.dv(gpa, 8);
+    const { v, off } = this.dv(gpa, 8, true);
     v.setBigUint64(off, BigInt.asUintN(64, x), true);
   }
 }

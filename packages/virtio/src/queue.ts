@@ -56,7 +56,7 @@ export class DescriptorChain {
         continue;
       }
       const n = Math.min(b.len - skip, len - pos);
-      out.set(mem.range(b.addr + BigInt(skip), n), pos);
+      out.set(mem.view(b.addr + BigInt(skip), n), pos);
       pos += n;
       skip = 0;
     }
@@ -176,11 +176,11 @@ export class Virtqueue {
     check('available', this.driver, availLen, 2n);
     check('used', this.device, usedLen, 4n);
     const view = (addr: bigint, len: number) => {
-      const r = mem.range(addr, len);
+      const r = mem.view(addr, len);
       return new DataView(r.buffer, r.byteOffset, r.byteLength);
     };
     const u16 = (addr: bigint) => {
-      const r = mem.range(addr, 2);
+      const r = mem.view(addr, 2);
       return new Uint16Array(r.buffer, r.byteOffset, 1);
     };
     this.mem = mem;
@@ -221,6 +221,7 @@ export class Virtqueue {
     if (p === 0) {
       if (!this.availEvent16) return null;
       Atomics.store(this.availEvent16, 0, this.lastAvail); // seq-cst store: also a full fence
+      this.mem!.markWritten(this.device + BigInt(4 + 8 * this.size), 2);
       p = this.pending();
       if (p === 0) return null;
     }
@@ -259,7 +260,7 @@ export class Virtqueue {
           throw new VirtqueueError(`queue ${q}: indirect table length ${len} is not a non-zero multiple of 16 (max ${VIRTQ_MAX_SIZE} entries)`, { queue: q, head, len });
         }
         if (!mem.contains(addr, len)) throw new VirtqueueError(`queue ${q}: indirect table 0x${addr.toString(16)}+${len} is outside guest RAM`, { queue: q, head });
-        const r = mem.range(addr, len);
+        const r = mem.view(addr, len);
         table = new DataView(r.buffer, r.byteOffset, r.byteLength);
         tableSize = len / 16;
         idx = 0;
@@ -301,6 +302,9 @@ export class Virtqueue {
     this.used!.setUint32(off + 4, len >>> 0, true);
     this.usedIdx = (this.usedIdx + 1) & 0xffff;
     Atomics.store(this.usedIdx16!, 0, this.usedIdx);
+    // The used ring is written through views cached at activation: record it for dirty tracking.
+    this.mem!.markWritten(this.device + BigInt(off), 8);
+    this.mem!.markWritten(this.device + 2n, 2);
     return true;
   }
 

@@ -50,15 +50,25 @@ export class Vm {
     else this.slots.set(slot, { slot, gpa, size, hva, flags });
   }
 
+  /**
+   * Where pages written by the VMM itself are recorded (set by the Machine to its GuestMemory): KVM's dirty log
+   * only sees guest writes, so getDirtyLog merges these in.
+   */
+  hostDirty: { setHostTracking(slot: number, on: boolean): void; takeHostDirty(slot: number): Uint8Array | undefined } | undefined;
+
   /** Turns dirty-page logging on/off for a slot (re-registers it with KVM_MEM_LOG_DIRTY_PAGES). */
   setDirtyLogging(slot: number, on: boolean): void {
     const s = this.slots.get(slot);
     if (!s) throw ioctlError('SET_USER_MEMORY_REGION', -22, { slot, reason: 'no such slot' });
     const flags = on ? s.flags | KVM_MEM.LOG_DIRTY_PAGES : s.flags & ~KVM_MEM.LOG_DIRTY_PAGES;
     this.setMemoryRegion(slot, s.gpa, s.size, s.hva, flags);
+    this.hostDirty?.setHostTracking(slot, on);
   }
 
-  /** KVM_GET_DIRTY_LOG: a bitmap (1 bit per 4 KiB page) of pages dirtied since the last call; clears it. */
+  /**
+   * KVM_GET_DIRTY_LOG: a bitmap (1 bit per 4 KiB page) of pages dirtied since the last call, by the guest (KVM)
+   * or by the VMM (`hostDirty`); clears both.
+   */
   getDirtyLog(slot: number): Uint8Array {
     const s = this.slots.get(slot);
     if (!s) throw ioctlError('GET_DIRTY_LOG', -22, { slot, reason: 'no such slot' });
@@ -71,7 +81,10 @@ export class Vm {
     arg.writeBigUInt64LE(addr, OFF.kvm_dirty_log.dirty_bitmap);
     const r = ffi.ioctlBuf(this.fd, KVM.GET_DIRTY_LOG, arg);
     if (r < 0) throw ioctlError('GET_DIRTY_LOG', r, { slot });
-    return new Uint8Array(bitmap.buffer, bitmap.byteOffset, bitmap.byteLength);
+    const out = new Uint8Array(bitmap.buffer, bitmap.byteOffset, bitmap.byteLength);
+    const host = this.hostDirty?.takeHostDirty(slot);
+    if (host) for (let i = 0; i < out.length && i < host.length; i++) out[i]! |= host[i]!;
+    return out;
   }
 
   setTssAddr(addr: number): void {
