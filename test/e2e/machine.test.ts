@@ -123,3 +123,19 @@ describe.skipIf(!hasKvm)('dirty log', () => {
     await m.stop();
   });
 });
+
+describe.skipIf(!hasKvm)('start paused', () => {
+  it('starts the vCPU threads paused and runs the guest only on resume()', async () => {
+    const m = new Machine({ config: { name: 'startpaused', memory: 8, cpus: 2 }, plugins: [exitPort(), counter(), bootFlat({ image: pioLoop(), ring: 3, arg: 100 })], log });
+    await m.start({ paused: true });
+    expect(m.state).toBe('paused');
+    await new Promise((r) => setTimeout(r, 100));
+    expect(m.api.use<CounterApi>('counter')!.value()).toBe(0);
+    expect(m.api.plugins.map((p) => p.name)).toEqual(['test-exit', 'counter', 'boot-flat']);
+    expect(m.api.strategies()).toEqual({ snapshot: [], migration: [] });
+    await m.resume();
+    const r = await m.waitForStop();
+    expect(r).toMatchObject({ reason: 'guest-exit', exitCode: 0 });
+    expect(m.api.use<CounterApi>('counter')!.value()).toBe(200);
+  });
+});

@@ -1,7 +1,7 @@
 import { createServer, connect, type Server, type Socket } from 'node:net';
 import { mkdirSync, chmodSync, unlinkSync, existsSync, lstatSync } from 'node:fs';
 import { dirname, join } from 'node:path';
-import { KvmkitError, type Machine, type MachineApi, type StateSection, type Logger } from '@kvmkit/kernel';
+import { KvmkitError, type Machine, type MachineApi, type Logger } from '@kvmkit/kernel';
 import { ctlErr, toLine, lineSplitter, type ControlRequest, type ControlResponse } from './protocol.js';
 
 /** Default control socket: `$XDG_RUNTIME_DIR/kvmkit/<vm>.sock`, else `/run/kvmkit/<vm>.sock`. */
@@ -24,19 +24,9 @@ export interface ControlServer {
   close(): Promise<void>;
 }
 
-/** The view strategies run against (see @kvmkit/plugin-snapshot statefulMachine). */
+/** The view strategies run against: the machine API (state save/restore, plugins, stop). */
 function stateful(machine: Machine): MachineApi {
-  return Object.freeze(Object.create(machine.api, {
-    saveState: { value: () => machine.saveState() },
-    restoreState: { value: (s: ReadonlyMap<string, StateSection>) => machine.restoreState(s) },
-    plugins: { get: () => machine.pluginHost.list().map((p) => ({ name: p.name, version: p.version })) },
-    stop: { value: () => machine.stop() },
-  })) as MachineApi;
-}
-
-function strategyNames(hm: unknown): string[] {
-  const map = (hm as { _map?: Map<string, { isUsed(): boolean }> })._map;
-  return map ? [...map.entries()].filter(([, h]) => h.isUsed()).map(([k]) => k) : [];
+  return machine.api;
 }
 
 /** Is a live process listening on `path`? */
@@ -76,7 +66,7 @@ export async function serveControl(machine: Machine, opts: ControlOptions = {}):
       uptimeMs: Date.now() - t0,
       busy: busy ?? null,
       plugins: machine.pluginHost.list().map((p) => ({ name: p.name, version: p.version })),
-      strategies: { snapshot: strategyNames(machine.hooks.snapshotStrategy), migration: strategyNames(machine.hooks.migrationStrategy) },
+      strategies: machine.api.strategies(),
     }),
     pause: async () => { await machine.pause(); return { state: machine.state }; },
     resume: async () => { await machine.resume(); return { state: machine.state }; },

@@ -127,9 +127,19 @@ type TapOnly<H> = H extends HookMapT<infer Inner>
 /** What plugins see: tap/tapAsync/tapPromise, never call/promise. */
 export type TapHooks = { readonly [K in keyof Hooks]: TapOnly<Hooks[K]> };
 
+/** Keys ever requested through a tap-only HookMap view (strategy names plugins registered). */
+const hookMapKeys = new WeakMap<object, Set<string>>();
+
+/** The names under which taps were registered on a HookMap through a tap-only view. */
+export function registeredKeys(map: HookMapT<any>): string[] {
+  return [...(hookMapKeys.get(map) ?? [])].filter((k) => map.get(k)?.isUsed() ?? false).sort();
+}
+
 function tapView(hook: any): any {
   if (hook instanceof HookMap) {
-    return Object.freeze({ for: (key: string) => tapView(hook.for(key)) });
+    const keys = hookMapKeys.get(hook) ?? new Set<string>();
+    hookMapKeys.set(hook, keys);
+    return Object.freeze({ for: (key: string) => { keys.add(key); return tapView(hook.for(key)); } });
   }
   const v: Record<string, unknown> = {
     tap: hook.tap.bind(hook),

@@ -6,7 +6,7 @@ export { Bus, PioBus, MmioBus } from './bus.js';
 export type { BusDevice, BusEntry, WorkerHandlerSpec, WorkerHandler, WorkerHandlerFactory, WorkerHandlerContext } from './bus.js';
 export { validateMachineConfig, defaultMemoryLayout, MAX_VCPUS, MAX_MEMORY_MIB, PCI_HOLE_START, FOUR_GIB } from './config.js';
 export type { MachineConfig, PluginSpec, MemoryLayout, LayoutRange } from './config.js';
-export { createHooks, tapOnly, traceHooks } from './hooks.js';
+export { createHooks, tapOnly, traceHooks, registeredKeys } from './hooks.js';
 export type { Hooks, TapHooks, BootContext, BootResult, VcpuHandle, Strategy, MemoryBacking } from './hooks.js';
 export { PluginHost, checkOptions } from './plugin.js';
 export type { Plugin, PluginFactory, PluginContext, MachineApi, MachineState, StopReason, OptionType } from './plugin.js';

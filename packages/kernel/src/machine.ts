@@ -5,7 +5,7 @@ import { KvmkitError, toKvmkitError, reviveError } from './errors.js';
 import { GuestMemory, type MemoryRegion } from './memory.js';
 import { PioBus, MmioBus, type BusEntry } from './bus.js';
 import { validateMachineConfig, defaultMemoryLayout, type MachineConfig, type MemoryLayout } from './config.js';
-import { createHooks, tapOnly, traceHooks, type Hooks, type TapHooks, type BootContext, type MemoryBacking } from './hooks.js';
+import { createHooks, tapOnly, traceHooks, registeredKeys, type Hooks, type TapHooks, type BootContext, type MemoryBacking } from './hooks.js';
 import { PluginHost, type MachineApi, type MachineState, type Plugin, type StopReason } from './plugin.js';
 import { DeviceRegistry } from './registry.js';
 import { StateReader, StateWriter, type StateSection } from './state.js';
@@ -134,9 +134,14 @@ export class Machine {
       get vm() { return self._vm; },
       get vcpus() { return self._vcpus; },
       requestStop: (r: StopReason) => this.requestStop(r),
+      stop: (r?: StopReason) => this.stop(r),
       requestReset: (source: string) => this.requestReset(source),
       pause: () => this.pause(),
       resume: () => this.resume(),
+      get plugins() { return self.pluginHost.list().map((p) => ({ name: p.name, version: p.version, provides: [...(p.provides ?? [])] })); },
+      strategies: () => ({ snapshot: registeredKeys(this.hooks.snapshotStrategy), migration: registeredKeys(this.hooks.migrationStrategy) }),
+      saveState: () => this.saveState(),
+      restoreState: (sections: ReadonlyMap<string, StateSection>) => this.restoreState(sections),
       provide: (name: string, api: unknown) => { this.provided.set(name, api); },
       use: <T>(name: string) => this.provided.get(name) as T | undefined,
     }) as MachineApi;
@@ -174,11 +179,15 @@ export class Machine {
     }
   }
 
-  /** Builds and starts the VM. On failure everything acquired so far is released and the error rethrown. */
-  async start(): Promise<void> {
+  /**
+   * Builds and starts the VM. With `paused: true` the vCPU threads start but wait paused (state 'paused') until
+   * resume(): for restores and incoming migrations that must not run the guest yet. On failure everything
+   * acquired so far is released and the error rethrown.
+   */
+  async start(opts: { paused?: boolean } = {}): Promise<void> {
     if (this._state !== 'created') throw new KvmkitError('KVMKIT_ERR_STATE', `start(): machine is ${this._state}`);
     try {
-      await this.startInner();
+      await this.startInner(opts.paused === true);
     } catch (e) {
       const err = toKvmkitError(e, 'KVMKIT_ERR_PLUGIN_HOOK');
       this.fail(err);
@@ -205,7 +214,7 @@ export class Machine {
     }
   }
 
-  private async startInner(): Promise<void> {
+  private async startInner(paused: boolean): Promise<void> {
     const log = this.log;
     this.pluginHost.check();
     for (const p of this.pluginHost.list()) {
@@ -276,11 +285,14 @@ export class Machine {
       if (s && v) applyBootState(v, s);
     });
     await this.guard('beforeRun', undefined, () => this.hooks.beforeRun.promise(this.api));
-    await this.startWorkers();
-    this._state = 'running';
+    await this.startWorkers(paused);
+    if (paused) {
+      await this.waitStates((st) => st === P.ST_PAUSED || st === P.ST_DONE, 5000, 'start paused', false);
+      this._state = 'paused';
+    } else this._state = 'running';
   }
 
-  private async startWorkers(): Promise<void> {
+  private async startWorkers(paused: boolean): Promise<void> {
     installKickSignal();
     const handlers: P.WorkerInit['handlers'] = [];
     const ranges = (entries: readonly BusEntry[], kind: 'pio' | 'mmio'): P.WorkerRange[] =>
@@ -333,7 +345,7 @@ export class Machine {
     for (const rt of this.runtimes) await this.guard('vcpuThread', undefined, () => this.hooks.vcpuThread.promise({ index: rt.index, tid: rt.tid }));
     for (const rt of this.runtimes) {
       this.serveMailbox(rt);
-      Atomics.store(rt.ctrl, P.CMD, P.CMD_RUN);
+      Atomics.store(rt.ctrl, P.CMD, paused ? P.CMD_PAUSE : P.CMD_RUN);
       Atomics.store(rt.ctrl, P.STATE, P.ST_RUNNING);
       Atomics.notify(rt.ctrl, P.STATE);
     }
@@ -564,7 +576,13 @@ export class Machine {
       const rt = pending[0]!;
       const s = Atomics.load(rt.ctrl, P.STATE);
       const w = Atomics.waitAsync(rt.ctrl, P.STATE, s, 5);
-      if (w.async) await w.value;
+      if (w.async) {
+        // A pending waitAsync does not keep Node's event loop alive: race it with a (ref'd) timer so a caller
+        // awaiting pause()/stop() with nothing else pending is not dropped by an exiting loop (exit code 13).
+        let t: NodeJS.Timeout | undefined;
+        await Promise.race([w.value, new Promise((r) => (t = setTimeout(r, 6)))]);
+        clearTimeout(t);
+      }
       if (rekick) for (const r of pending) this.kick(r);
     }
   }

@@ -6,6 +6,7 @@ import type { MachineConfig } from './config.js';
 import type { GuestMemory } from './memory.js';
 import type { Vm } from './kvm/vm.js';
 import type { Vcpu } from './kvm/vcpu.js';
+import type { StateSection } from './state.js';
 
 /** Why a machine stopped. `exitCode` is what `kvmkit run` exits with. */
 export interface StopReason {
@@ -29,10 +30,20 @@ export interface MachineApi {
   readonly vcpus: readonly Vcpu[];
   /** Ask the machine to stop (async; idempotent: the first reason wins). */
   requestStop(reason: StopReason): void;
+  /** Stops the machine and resolves once it has released everything (Machine.stop). */
+  stop(reason?: StopReason): Promise<void>;
   /** Ask for a guest reset: stops, or reboots when config.onReset is 'reboot'. */
   requestReset(source: string): void;
   pause(): Promise<void>;
   resume(): Promise<void>;
+  /** Every registered plugin, in order. */
+  readonly plugins: ReadonlyArray<{ name: string; version: string; provides: readonly string[] }>;
+  /** Names of the registered snapshot and migration strategies. */
+  strategies(): { snapshot: string[]; migration: string[] };
+  /** The machine's state except RAM (see Machine.saveState); the machine must be paused. */
+  saveState(): Promise<Map<string, StateSection>>;
+  /** Restores what saveState wrote (see Machine.restoreState). */
+  restoreState(sections: ReadonlyMap<string, StateSection>): Promise<void>;
   /** Plugins can publish an API for other plugins (key = plugin name). */
   provide(name: string, api: unknown): void;
   use<T = unknown>(name: string): T | undefined;
