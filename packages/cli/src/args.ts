@@ -34,6 +34,29 @@ export interface RunArgs {
   noDefaults: boolean;
   logLevel?: CliLogLevel;
   dryRun: boolean;
+  /** Control socket path (default: per VM name); `--no-control` turns the control channel off. */
+  control?: string;
+  noControl: boolean;
+  /** `kvmkit restore SNAPSHOT` / `run --restore SNAPSHOT`: start from a snapshot instead of booting. */
+  restore?: string;
+  lazy: boolean;
+  /** `run --incoming ADDR`: wait for a live migration on ADDR (unix socket path or host:port) instead of booting. */
+  incoming?: string;
+}
+
+/** `kvmkit snapshot|migrate|status|pause|resume|stop TARGET …`: talks to a running VM over its control socket. */
+export interface ControlArgs {
+  command: 'snapshot' | 'migrate' | 'status' | 'pause' | 'resume' | 'stop';
+  help: boolean;
+  /** A VM name (socket at the default path) or a socket path (contains '/'). */
+  target: string;
+  /** snapshot: the state file to write; migrate: the destination address. */
+  path?: string;
+  diff: boolean;
+  then?: 'resume' | 'pause' | 'stop';
+  downtimeMs?: number;
+  maxRounds?: number;
+  json: boolean;
 }
 
 export interface ConfigArgs {
@@ -58,7 +81,7 @@ export interface TopArgs {
   topic?: string;
 }
 
-export type CliArgs = RunArgs | ConfigArgs | DoctorArgs | TopArgs;
+export type CliArgs = RunArgs | ConfigArgs | DoctorArgs | ControlArgs | TopArgs;
 
 type Spec = NonNullable<Parameters<typeof parseArgs>[0]>['options'];
 
@@ -116,8 +139,18 @@ export function parseRunArgs(args: string[]): RunArgs {
     'no-defaults': { type: 'boolean' },
     'log-level': { type: 'string' },
     'dry-run': { type: 'boolean' },
+    control: { type: 'string' },
+    'no-control': { type: 'boolean' },
+    restore: { type: 'string' },
+    lazy: { type: 'boolean' },
+    incoming: { type: 'string' },
   }, true);
   if (positionals.length > 1) throw usageError(`run: one VM name at most (got ${positionals.join(' ')})`);
+  if (v.restore !== undefined && v.incoming !== undefined) throw usageError('run: --restore and --incoming exclude each other', { flag: '--incoming' });
+  if (v.lazy && v.restore === undefined) throw usageError('run: --lazy goes with --restore (or kvmkit restore)', { flag: '--lazy' });
+  for (const f of ['restore', 'incoming', 'control'] as const) {
+    if (v[f] === '') throw usageError(`run: --${f} needs a value`, { flag: `--${f}` });
+  }
   const vmFlag = v.vm as string | undefined;
   if (vmFlag !== undefined && positionals[0] !== undefined && vmFlag !== positionals[0]) {
     throw usageError(`run: two different VM names (${positionals[0]} and --vm ${vmFlag})`, { flag: '--vm' });
@@ -145,6 +178,52 @@ export function parseRunArgs(args: string[]): RunArgs {
     noDefaults: Boolean(v['no-defaults']),
     logLevel: logLevel as CliLogLevel | undefined,
     dryRun: Boolean(v['dry-run']),
+    control: v.control as string | undefined,
+    noControl: Boolean(v['no-control']),
+    restore: v.restore as string | undefined,
+    lazy: Boolean(v.lazy),
+    incoming: v.incoming as string | undefined,
+  };
+}
+
+/** `kvmkit restore SNAPSHOT [run options]` is `kvmkit run --restore SNAPSHOT [run options]`. */
+export function parseRestoreArgs(args: string[]): RunArgs {
+  const i = args.findIndex((a) => !a.startsWith('-'));
+  if (args.includes('-h') || args.includes('--help')) return { ...parseRunArgs(['--help']), help: true };
+  if (i < 0) throw usageError('restore: which snapshot? kvmkit restore SNAPSHOT [--lazy] [run options] (see kvmkit restore --help)');
+  const snap = args[i]!;
+  return parseRunArgs(['--restore', snap, ...args.slice(0, i), ...args.slice(i + 1)]);
+}
+
+export function parseControlArgs(command: ControlArgs['command'], args: string[]): ControlArgs {
+  const { values: v, positionals } = parse(command, args, {
+    help: { type: 'boolean', short: 'h' },
+    diff: { type: 'boolean' },
+    then: { type: 'string' },
+    'downtime-ms': { type: 'string' },
+    'max-rounds': { type: 'string' },
+    json: { type: 'boolean' },
+  }, true);
+  const needs = command === 'snapshot' || command === 'migrate' ? 2 : 1;
+  if (v.help) return { command, help: true, target: '', diff: false, json: false };
+  const what = command === 'snapshot' ? 'VM PATH' : command === 'migrate' ? 'VM DESTINATION' : 'VM';
+  if (positionals.length !== needs) throw usageError(`${command}: expected ${what} (got ${positionals.length ? positionals.join(' ') : 'nothing'}; see kvmkit ${command} --help)`);
+  const then = v.then as string | undefined;
+  if (then !== undefined && (command !== 'snapshot' || !['resume', 'pause', 'stop'].includes(then))) {
+    throw usageError(`${command}: --then must be resume, pause or stop and goes with snapshot`, { flag: '--then' });
+  }
+  if (v.diff && command !== 'snapshot') throw usageError(`${command}: --diff goes with snapshot`, { flag: '--diff' });
+  if ((v['downtime-ms'] !== undefined || v['max-rounds'] !== undefined) && command !== 'migrate') throw usageError(`${command}: --downtime-ms/--max-rounds go with migrate`);
+  return {
+    command,
+    help: false,
+    target: positionals[0]!,
+    ...(positionals[1] !== undefined ? { path: positionals[1] } : {}),
+    diff: Boolean(v.diff),
+    ...(then !== undefined ? { then: then as ControlArgs['then'] } : {}),
+    ...(v['downtime-ms'] !== undefined ? { downtimeMs: int(command, '--downtime-ms', v['downtime-ms'] as string, 0, 600_000) } : {}),
+    ...(v['max-rounds'] !== undefined ? { maxRounds: int(command, '--max-rounds', v['max-rounds'] as string, 1, 1000) } : {}),
+    json: Boolean(v.json),
   };
 }
 
@@ -176,7 +255,7 @@ export function parseDoctorArgs(args: string[]): DoctorArgs {
   return { command: 'doctor', help: Boolean(v.help), json: Boolean(v.json) };
 }
 
-export const COMMANDS = ['run', 'config', 'doctor'] as const;
+export const COMMANDS = ['run', 'config', 'doctor', 'restore', 'snapshot', 'migrate', 'status', 'pause', 'resume', 'stop'] as const;
 
 /** Parses the whole command line (without node and script). */
 export function parseCli(argv: string[]): CliArgs {
@@ -191,6 +270,15 @@ export function parseCli(argv: string[]): CliArgs {
       return parseConfigArgs(rest);
     case 'doctor':
       return parseDoctorArgs(rest);
+    case 'restore':
+      return parseRestoreArgs(rest);
+    case 'snapshot':
+    case 'migrate':
+    case 'status':
+    case 'pause':
+    case 'resume':
+    case 'stop':
+      return parseControlArgs(first, rest);
     default:
       throw usageError(first.startsWith('-') ? `unknown option ${first} (see kvmkit --help)` : `unknown command ${JSON.stringify(first)}; commands: ${COMMANDS.join(', ')} (see kvmkit --help)`);
   }

@@ -36,7 +36,7 @@ describe('argument parsing', () => {
     expect(a).toEqual({
       command: 'run', help: false, vm: 'web', config: undefined, host: 'lab', memory: 512, cpus: 2, kernel: 'k', initrd: 'i', cmdline: 'a=b c',
       plugins: [{ name: 'serial', options: {}, raw: 'serial' }, { name: './x.mjs', options: { a: { b: 1 } }, raw: './x.mjs:{"a":{"b":1}}' }],
-      noDefaults: true, logLevel: 'debug', dryRun: true,
+      noDefaults: true, logLevel: 'debug', dryRun: true, noControl: false, lazy: false,
     });
   });
 

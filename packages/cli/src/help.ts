@@ -6,6 +6,10 @@ Commands:
   run [vm]        start a VM from the config file, or from flags alone
   config --print  show how the config resolves on this host (JSON)
   doctor          check /dev/kvm, the KVM API and capabilities, and the kind of host
+  restore SNAP    start a VM from a snapshot (run options apply; --lazy maps memory on demand)
+  snapshot VM P   write a snapshot of a running VM to P (--diff: only pages changed since the last one)
+  migrate VM DEST live-migrate a running VM to DEST (a 'kvmkit run --incoming DEST' process)
+  status|pause|resume|stop VM   control a running VM
 
 Options:
   -h, --help      help (also: kvmkit <command> --help)
@@ -42,6 +46,11 @@ Options:
   --no-defaults          flag-only mode: do not add serial and platform-pc
   --log-level LEVEL      fatal, error, warn, info (default), debug, trace or silent
   --dry-run              print the resolved VM (like config --print) and exit without starting it
+  --control PATH         control socket (default $XDG_RUNTIME_DIR/kvmkit/<vm>.sock or /run/kvmkit/<vm>.sock)
+  --no-control           no control socket (kvmkit snapshot/migrate/status cannot reach this VM)
+  --restore SNAPSHOT     start from a snapshot's state file instead of booting (same as kvmkit restore)
+  --lazy                 with --restore: map the memory file copy-on-write instead of reading it first
+  --incoming ADDR        wait for a live migration on ADDR (socket path or host:port, loopback) and run it
   -h, --help             this help
 
 Relative paths in flags are relative to the current directory; in the config file, to the file's directory.
@@ -74,4 +83,19 @@ Options:
   -h, --help   this help
 
 Exit code: 0 when kvmkit can run VMs here, 1 when not.
+`;
+
+export const CONTROL_HELP = `Usage:
+  kvmkit snapshot VM PATH [--diff] [--then resume|pause|stop] [--json]
+  kvmkit migrate VM DESTINATION [--downtime-ms N] [--max-rounds N] [--json]
+  kvmkit status|pause|resume|stop VM [--json]
+
+VM is a VM name (its control socket at $XDG_RUNTIME_DIR/kvmkit/<vm>.sock or /run/kvmkit/<vm>.sock) or the
+path of a control socket (anything with a '/'). The VM must run in a 'kvmkit run' process (it serves the
+socket unless --no-control).
+  snapshot   writes PATH (state file, checksummed) and a memory file beside it; --diff writes only the pages
+             dirtied since the previous snapshot of this VM (a chain; 'kvmkit restore' follows it).
+  migrate    pre-copy live migration to a 'kvmkit run --incoming DESTINATION' process with the same VM
+             definition; the source stops once the destination runs. Prints the report (rounds, downtime).
+Exit code: 0 done; 1 error (e.g. KVMKIT_ERR_CONTROL_CONNECT when nothing serves the socket); 2 usage.
 `;

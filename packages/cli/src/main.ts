@@ -1,7 +1,9 @@
 import { readFileSync } from 'node:fs';
+import { resolve } from 'node:path';
 import { isKvmkitError } from '@kvmkit/kernel';
 import { parseCli, USAGE, type CliArgs } from './args.js';
-import { CONFIG_HELP, DOCTOR_HELP, MAIN_HELP, RUN_HELP } from './help.js';
+import { CONFIG_HELP, CONTROL_HELP, DOCTOR_HELP, MAIN_HELP, RUN_HELP } from './help.js';
+import { runControl } from './control.js';
 import { formatDoctor, runDoctor } from './doctor.js';
 import { jsonReplacer, planConfig, planRun, planToJson } from './plan.js';
 import { runPlan, type RunIo } from './run.js';
@@ -47,7 +49,7 @@ export function version(): string {
   }
 }
 
-const HELP: Record<string, string> = { run: RUN_HELP, config: CONFIG_HELP, doctor: DOCTOR_HELP };
+const HELP: Record<string, string> = { run: RUN_HELP, restore: RUN_HELP, config: CONFIG_HELP, doctor: DOCTOR_HELP, snapshot: CONTROL_HELP, migrate: CONTROL_HELP, status: CONTROL_HELP, pause: CONTROL_HELP, resume: CONTROL_HELP, stop: CONTROL_HELP };
 
 /** Runs one kvmkit command; resolves with the process exit code. Never throws. */
 export async function main(argv: string[], io: CliIo = defaultIo()): Promise<number> {
@@ -62,7 +64,7 @@ export async function main(argv: string[], io: CliIo = defaultIo()): Promise<num
     switch (args.command) {
       case 'help': {
         if (args.topic !== undefined && !(args.topic in HELP)) {
-          io.stderr(`error ${USAGE}: no help for ${JSON.stringify(args.topic)}; commands: run, config, doctor\n`);
+          io.stderr(`error ${USAGE}: no help for ${JSON.stringify(args.topic)}; commands: ${Object.keys(HELP).join(', ')}\n`);
           return 2;
         }
         io.stdout(args.topic !== undefined ? HELP[args.topic]! : MAIN_HELP);
@@ -89,6 +91,20 @@ export async function main(argv: string[], io: CliIo = defaultIo()): Promise<num
         io.stdout(args.json ? `${JSON.stringify(r, jsonReplacer, 2)}\n` : formatDoctor(r));
         return r.usable ? 0 : 1;
       }
+      case 'snapshot':
+      case 'migrate':
+      case 'status':
+      case 'pause':
+      case 'resume':
+      case 'stop': {
+        if (args.help) {
+          io.stdout(CONTROL_HELP);
+          return 0;
+        }
+        const result = await runControl(args, io.cwd);
+        io.stdout(`${JSON.stringify(result, jsonReplacer, args.json ? 2 : undefined)}\n`);
+        return 0;
+      }
       case 'run': {
         if (args.help) {
           io.stdout(RUN_HELP);
@@ -99,7 +115,13 @@ export async function main(argv: string[], io: CliIo = defaultIo()): Promise<num
           io.stdout(`${JSON.stringify(planToJson(plan), jsonReplacer, 2)}\n`);
           return 0;
         }
-        const res = await runPlan(plan, { ...(args.logLevel !== undefined ? { logLevel: args.logLevel } : {}), io: { stderr: io.stderr, ...(io.onSignal ? { onSignal: io.onSignal } : {}) } });
+        const mode = {
+          ...(args.restore !== undefined ? { restore: resolve(io.cwd, args.restore), lazy: args.lazy } : {}),
+          ...(args.incoming !== undefined ? { incoming: /^[^/]*:\d+$/.test(args.incoming) ? args.incoming : resolve(io.cwd, args.incoming) } : {}),
+          ...(args.control !== undefined ? { control: resolve(io.cwd, args.control) } : {}),
+          noControl: args.noControl,
+        };
+        const res = await runPlan(plan, { ...(args.logLevel !== undefined ? { logLevel: args.logLevel } : {}), io: { stderr: io.stderr, ...(io.onSignal ? { onSignal: io.onSignal } : {}) }, mode });
         const r = res.reason;
         if (r.reason === 'error' || r.reason === 'triple-fault') {
           // A stop reason without an error object (e.g. a guest crash system event) gets the CLI's own code.

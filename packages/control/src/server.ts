@@ -116,15 +116,22 @@ export async function serveControl(machine: Machine, opts: ControlOptions = {}):
       reply({ id: req.id, error: { code: 'KVMKIT_ERR_CONTROL_METHOD', message: `unknown method ${req.method} (known: ${Object.keys(methods).join(', ')})` } });
       return;
     }
-    try {
-      log.debug({ method: req.method }, 'control request');
-      const result = await fn(req.params ?? {});
-      reply({ id: req.id, result: result ?? null });
-    } catch (e) {
-      const err = e as KvmkitError;
-      reply({ id: req.id, error: { code: typeof err.code === 'string' ? err.code : 'KVMKIT_ERR_CONTROL_REQUEST', message: err.message ?? String(e), ...(err.details ? { details: err.details } : {}) } });
-    }
+    const done = (async () => {
+      try {
+        log.debug({ method: req.method }, 'control request');
+        const result = await fn(req.params ?? {});
+        reply({ id: req.id, result: result ?? null });
+      } catch (e) {
+        const err = e as KvmkitError;
+        reply({ id: req.id, error: { code: typeof err.code === 'string' ? err.code : 'KVMKIT_ERR_CONTROL_REQUEST', message: err.message ?? String(e), ...(err.details ? { details: err.details } : {}) } });
+      }
+    })();
+    inflight.add(done);
+    await done;
+    inflight.delete(done);
   }
+  /** Requests being answered: close() lets them reply first (a migration's report comes after its VM stopped). */
+  const inflight = new Set<Promise<void>>();
 
   const server: Server = createServer((sock) => {
     sockets.add(sock);
@@ -149,11 +156,11 @@ export async function serveControl(machine: Machine, opts: ControlOptions = {}):
   let closed: Promise<void> | undefined;
   const close = () => {
     if (!closed) {
-      closed = new Promise<void>((res) => {
+      closed = Promise.race([Promise.allSettled([...inflight]), new Promise((r) => setTimeout(r, 10_000).unref())]).then(() => new Promise<void>((res) => {
         server.close(() => res());
         for (const s of sockets) s.end();
         setTimeout(() => { for (const s of sockets) s.destroy(); }, 500).unref();
-      }).then(() => { try { unlinkSync(path); } catch { /* gone */ } });
+      })).then(() => { try { unlinkSync(path); } catch { /* gone */ } });
     }
     return closed;
   };
