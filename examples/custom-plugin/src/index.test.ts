@@ -1,16 +1,14 @@
 import { describe, it, expect } from 'vitest';
 import { existsSync } from 'node:fs';
-import { Machine, PluginHost, StateWriter, StateReader, createHooks, tapOnly, silentLogger, type MachineApi } from '@kvmkit/kernel';
+import { Machine, PluginHost, StateWriter, StateReader, silentLogger } from '@kvmkit/kernel';
 import bootFlat from '@kvmkit/plugin-boot-flat';
+import { debugExitPlugin, pluginHarness } from '@kvmkit/testkit';
 import counter, { type CounterApi } from './index.js';
 
 /** mov rcx, rdx; L: out 0xe0, al; dec rcx; jnz L; mov al, 7; out 0xf4, al; jmp $ */
 const guest = new Uint8Array([0x48, 0x89, 0xd1, 0xe6, 0xe0, 0x48, 0xff, 0xc9, 0x75, 0xf9, 0xb0, 0x07, 0xe6, 0xf4, 0xeb, 0xfe]);
 
-const exitPort = {
-  name: 'exit', version: '1.0.0',
-  apply(m: MachineApi) { m.hooks.devices.tap('exit', (r) => r.addPio(0xf4, 1, { read() {}, write: (_o, d) => m.requestStop({ reason: 'guest-exit', exitCode: d[0]! }) }, 'exit')); },
-};
+const exitPort = debugExitPlugin();
 
 describe('counter plugin (unit)', () => {
   it('validates its options with coded errors', () => {
@@ -21,15 +19,17 @@ describe('counter plugin (unit)', () => {
   });
 
   it('saves and restores its count through the state hooks', async () => {
-    const hooks = createHooks();
-    const provided = new Map<string, unknown>();
-    const api = { hooks: tapOnly(hooks), provide: (k: string, v: unknown) => provided.set(k, v), use: (k: string) => provided.get(k) } as unknown as MachineApi;
-    await counter().apply(api, { log: silentLogger(), options: {} });
+    // testkit's harness: real hooks, a fake machine API and a real device registry, no KVM.
+    const h = pluginHarness(counter());
+    await h.start();
+    expect(h.pio.find(0xe0)?.name).toBe('counter');
     const w = new StateWriter();
-    await hooks.saveState.promise(w);
+    await h.hooks.saveState.promise(w);
     expect(w.sections.get('counter')).toEqual({ version: 1, data: { count: 0 } });
-    await hooks.restoreState.promise(new StateReader(new Map([['counter', { version: 1, data: { count: 41 } }]])));
-    expect((provided.get('counter') as CounterApi).value()).toBe(41);
+    await h.hooks.restoreState.promise(new StateReader(new Map([['counter', { version: 1, data: { count: 41 } }]])));
+    expect(h.machine.use<CounterApi>('counter')!.value()).toBe(41);
+    h.out(0xe0, 1);
+    expect(h.machine.use<CounterApi>('counter')!.value()).toBe(42);
   });
 });
 

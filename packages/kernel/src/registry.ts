@@ -71,6 +71,11 @@ export class DeviceRegistry {
     throw new KvmkitError('KVMKIT_ERR_CONFIG', `no free IRQ line left for ${name}`);
   }
 
+  /** The IRQ lines claimed so far, with their owners. */
+  claimedIrqs(): Array<{ irq: number; name: string }> {
+    return [...this.usedIrqs].map(([irq, name]) => ({ irq, name })).sort((a, b) => a.irq - b.irq);
+  }
+
   /** Sets an IRQ line level (KVM_IRQ_LINE). Without an in-kernel irqchip the call is dropped (logged once). */
   setIrq(gsi: number, level: boolean): void {
     if (!this.vm.hasIrqchip) {

@@ -1,5 +1,6 @@
 import { describe, it, expect } from 'vitest';
-import { createHooks, tapOnly, silentLogger, PluginHost, StateWriter, StateReader, PioBus, type MachineApi, type Plugin, type BusDevice, type StopReason, type Vm } from '@kvmkit/kernel';
+import { PluginHost, StateWriter, StateReader, type Plugin, type Vm } from '@kvmkit/kernel';
+import { pluginHarness } from '@kvmkit/testkit';
 import platformPc, { TSS_ADDR, IDENTITY_MAP_ADDR, type PlatformPcApi, type PlatformPcState } from './index.js';
 
 /** A fake VM that records the platform ioctls and keeps irqchip/PIT/clock blobs. */
@@ -28,53 +29,9 @@ function fakeVm() {
 }
 
 function harness(plugin: Plugin) {
-  const hooks = createHooks();
-  const apis = new Map<string, unknown>();
-  const stops: StopReason[] = [];
-  const resets: string[] = [];
   const f = fakeVm();
-  const machine = {
-    name: 't',
-    config: { name: 't', memory: 256, cpus: 2 },
-    hooks: tapOnly(hooks),
-    log: silentLogger(),
-    state: 'created',
-    memory: undefined,
-    vm: f.vm,
-    vcpus: [],
-    requestStop: (r: StopReason) => stops.push(r),
-    requestReset: (s: string) => resets.push(s),
-    pause: async () => {},
-    resume: async () => {},
-    provide: (n: string, a: unknown) => apis.set(n, a),
-    use: <T>(n: string) => apis.get(n) as T | undefined,
-  } as unknown as MachineApi;
-  const irqs: Array<[number, boolean]> = [];
-  const claimed: number[] = [];
-  const pio = new PioBus();
-  const reg = {
-    vm: f.vm,
-    addPio: (base: number, size: number, dev: BusDevice, name: string) => pio.register(base, size, dev, name),
-    allocateIrq: (_n: string, want?: number) => {
-      claimed.push(want!);
-      return want!;
-    },
-    setIrq: (gsi: number, level: boolean) => irqs.push([gsi, level]),
-    addCmdline: () => {},
-  };
-  new PluginHost('0.1.0').register(plugin);
-  plugin.apply(machine, { log: silentLogger(), options: plugin.options });
-  const out = (port: number, ...bytes: number[]) => pio.write(port, Uint8Array.from(bytes));
-  const inb = (port: number) => {
-    const d = new Uint8Array(1);
-    pio.read(port, d);
-    return d[0]!;
-  };
-  const start = async () => {
-    await hooks.vmCreated.promise(f.vm);
-    await hooks.devices.promise(reg as never);
-  };
-  return { hooks, machine, f, pio, out, inb, irqs, claimed, stops, resets, start };
+  const h = pluginHarness(plugin, { vm: f.vm, config: { memory: 256, cpus: 2 } });
+  return { ...h, f, get claimed() { return h.registry.claimedIrqs().map((x) => x.irq); } };
 }
 
 describe('platform-pc plugin', () => {

@@ -1,28 +1,11 @@
 import { describe, it, expect } from 'vitest';
 import { existsSync } from 'node:fs';
-import { Machine, silentLogger, type Plugin, type Segment, type StopReason } from '@kvmkit/kernel';
+import { Machine, silentLogger, type Plugin, type StopReason } from '@kvmkit/kernel';
 import platformPc, { type PlatformPcApi, type PlatformPcState } from './index.js';
+import { realModeBoot, REAL_MODE_LOAD as LOAD } from '@kvmkit/testkit';
 
 const hasKvm = existsSync('/dev/kvm');
 if (!hasKvm) console.warn('[plugin-platform-pc] /dev/kvm not present: KVM integration tests are skipped');
-
-const LOAD = 0x1000;
-
-/** Test-only boot plugin: 16-bit code at 0x1000, vCPU 0 starts there in real mode (CS=DS=SS=0). */
-function realModeBoot(code: number[]): Plugin {
-  const seg = (type: number): Segment => ({ base: 0n, limit: 0xffff, selector: 0, type, present: 1, dpl: 0, db: 0, s: 1, l: 0, g: 0, avl: 0, unusable: 0 });
-  return {
-    name: 'test-realmode-boot',
-    version: '0.1.0',
-    provides: ['firmware'],
-    apply(m) {
-      m.hooks.boot.tapPromise('test-realmode-boot', async (ctx) => {
-        ctx.memory.write(LOAD, Uint8Array.from(code));
-        return { loader: 'test-realmode', vcpus: [{ regs: { rip: BigInt(LOAD), rsp: 0x8000n, rflags: 2n }, sregs: { cs: seg(0xb), ds: seg(3), es: seg(3), ss: seg(3) } }] };
-      });
-    },
-  };
-}
 
 function machine(name: string, code: number[], plugins: Plugin[] = [platformPc()]): Machine {
   return new Machine({ config: { name, memory: 16, cpus: 1 }, plugins: [...plugins, realModeBoot(code)], log: silentLogger() });

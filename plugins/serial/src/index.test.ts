@@ -2,56 +2,15 @@ import { describe, it, expect, afterEach } from 'vitest';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { createHooks, tapOnly, silentLogger, PluginHost, StateWriter, StateReader, PioBus, type MachineApi, type Plugin, type BusDevice, type StopReason } from '@kvmkit/kernel';
+import { PluginHost, StateWriter, StateReader, silentLogger, type Plugin } from '@kvmkit/kernel';
+import { pluginHarness } from '@kvmkit/testkit';
 import serial, { consoleArg, type SerialApi } from './index.js';
 import { IER, LSR } from './uart.js';
 
-/** A fake machine + device registry: records IRQ levels, cmdline parts and bus registrations. */
+/** A fake machine + device registry (testkit): records IRQ levels, cmdline parts and bus registrations. */
 function harness(plugin: Plugin) {
-  const hooks = createHooks();
-  const apis = new Map<string, unknown>();
-  const stops: StopReason[] = [];
-  const machine = {
-    name: 't',
-    config: { name: 't', memory: 64, cpus: 1 },
-    hooks: tapOnly(hooks),
-    log: silentLogger(),
-    state: 'created',
-    memory: undefined,
-    vm: undefined,
-    vcpus: [],
-    requestStop: (r: StopReason) => stops.push(r),
-    requestReset: () => {},
-    pause: async () => {},
-    resume: async () => {},
-    provide: (n: string, a: unknown) => apis.set(n, a),
-    use: <T>(n: string) => apis.get(n) as T | undefined,
-  } as unknown as MachineApi;
-  const irqs: Array<[number, boolean]> = [];
-  const cmdline: string[] = [];
-  const pio = new PioBus();
-  const claimed = new Map<number, string>();
-  const reg = {
-    pio,
-    addPio: (base: number, size: number, dev: BusDevice, name: string) => pio.register(base, size, dev, name),
-    allocateIrq: (name: string, want?: number) => {
-      if (want === undefined) throw new Error('serial must ask for its IRQ');
-      if (claimed.has(want)) throw new Error(`IRQ ${want} taken`);
-      claimed.set(want, name);
-      return want;
-    },
-    setIrq: (gsi: number, level: boolean) => irqs.push([gsi, level]),
-    addCmdline: (p: string) => cmdline.push(p),
-  };
-  plugin.validateOptions?.(plugin.options);
-  plugin.apply(machine, { log: silentLogger(), options: plugin.options });
-  const out = (port: number, v: number) => pio.write(port, Uint8Array.of(v));
-  const inb = (port: number) => {
-    const d = new Uint8Array(1);
-    pio.read(port, d);
-    return d[0]!;
-  };
-  return { hooks, machine, reg, irqs, cmdline, pio, out, inb, stops, devices: () => hooks.devices.promise(reg as never) };
+  const h = pluginHarness(plugin);
+  return { ...h, reg: h.registry, devices: () => h.start(false) };
 }
 
 const tmp: string[] = [];

@@ -5,29 +5,12 @@ import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
-import { Machine, silentLogger, type Plugin, type Segment, type StopReason } from '@kvmkit/kernel';
+import { Machine, silentLogger, type Plugin, type StopReason } from '@kvmkit/kernel';
 import serial, { type SerialApi } from './index.js';
+import { realModeBoot, REAL_MODE_LOAD as LOAD } from '@kvmkit/testkit';
 
 const hasKvm = existsSync('/dev/kvm');
 if (!hasKvm) console.warn('[plugin-serial] /dev/kvm not present: KVM integration tests are skipped');
-
-const LOAD = 0x1000;
-
-/** Test-only boot plugin: copies 16-bit code to 0x1000 and starts vCPU 0 there in real mode (CS=DS=SS=0). */
-function realModeBoot(code: Uint8Array): Plugin {
-  const seg = (type: number): Segment => ({ base: 0n, limit: 0xffff, selector: 0, type, present: 1, dpl: 0, db: 0, s: 1, l: 0, g: 0, avl: 0, unusable: 0 });
-  return {
-    name: 'test-realmode-boot',
-    version: '0.1.0',
-    provides: ['firmware'],
-    apply(m) {
-      m.hooks.boot.tapPromise('test-realmode-boot', async (ctx) => {
-        ctx.memory.write(LOAD, code);
-        return { loader: 'test-realmode', vcpus: [{ regs: { rip: BigInt(LOAD), rsp: 0x8000n, rflags: 2n }, sregs: { cs: seg(0xb), ds: seg(3), es: seg(3), ss: seg(3) } }] };
-      });
-    },
-  };
-}
 
 /** Debug-exit at 0xf4 and (optionally) the in-kernel irqchip, without depending on platform-pc. */
 function testPlatform(irqchip: boolean): Plugin {
