@@ -16,7 +16,7 @@
 //    boot's serial output, each line stamped with its arrival time (s since spawn), goes to
 //    bench/results/boot-linux-<vmm>-<round>.log; a boot is killed after S s (default 900).
 import { spawn } from 'node:child_process';
-import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { loadavg } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -69,11 +69,16 @@ function timed(cmd, args, { until, timeoutMs = 60_000 } = {}) {
   return new Promise((resolve, reject) => {
     let stdout = '';
     let stderr = '';
-    let tFirst, tMatch, killTimer;
+    let tFirst, tMatch, killTimer, cpuAtMatch, cpuAtTimeout;
+    let timedOut = false;
     const epoch = Date.now();
     const t0 = performance.now();
     const child = spawn(cmd, args, { cwd: root, stdio: ['ignore', 'pipe', 'pipe'] });
-    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
+    const timer = setTimeout(() => {
+      timedOut = true;
+      cpuAtTimeout = cpuSeconds(child.pid);
+      child.kill('SIGKILL');
+    }, timeoutMs);
     let stamped = ''; // stdout with the arrival time (s since spawn) in front of each line
     let atLineStart = true;
     child.stdout.setEncoding('latin1').on('data', (d) => {
@@ -87,6 +92,7 @@ function timed(cmd, args, { until, timeoutMs = 60_000 } = {}) {
       }
       if (until && tMatch === undefined && until.test(stdout)) {
         tMatch = t;
+        cpuAtMatch = cpuSeconds(child.pid);
         child.kill('SIGTERM');
         killTimer = setTimeout(() => child.kill('SIGKILL'), 5000);
       }
@@ -99,11 +105,33 @@ function timed(cmd, args, { until, timeoutMs = 60_000 } = {}) {
       clearTimeout(killTimer);
       // Let the pipes drain before resolving.
       let open = 2;
-      const done = () => --open === 0 && resolve({ code, signal, tFirst, tMatch, tExit, epoch, stdout, stamped, stderr, timedOut: tExit >= timeoutMs });
+      const done = () => --open === 0 && resolve({ code, signal, tFirst, tMatch, tExit, epoch, stdout, stamped, stderr, cpuAtMatch, cpuAtTimeout, timedOut });
       if (child.stdout.readableEnded) done(); else child.stdout.on('end', done);
       if (child.stderr.readableEnded) done(); else child.stderr.on('end', done);
     });
   });
+}
+
+/** CPU time (user + system, all threads) a live process has used so far, in seconds; undefined if unreadable. */
+function cpuSeconds(pid) {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' '); // fields from 3 (state) on
+    return (Number(f[11]) + Number(f[12])) / 100; // utime, stime in clock ticks (USER_HZ = 100)
+  } catch {
+    return undefined;
+  }
+}
+
+/** Arrival time (s since spawn) of the first line matching each milestone, from timed()'s stamped output. */
+function milestones(stamped, marks) {
+  const out = {};
+  for (const line of stamped.split(/\r?\n/)) {
+    const m = /^\[\s*([\d.]+)\] (.*)$/.exec(line.replace(/\r/g, ''));
+    if (!m) continue;
+    for (const [name, re] of marks) if (out[name] === undefined && re.test(m[2])) out[name] = Number(m[1]);
+  }
+  return out;
 }
 
 /** pino JSON lines on kvmkit's stderr. */
@@ -259,7 +287,11 @@ if (values.linux) {
   let cmdline; // filled from kvmkit's "linux kernel loaded" log line: the complete cmdline the guest gets
   const qemuArgsLinux = () => ['-M', 'microvm,acpi=off,rtc=off', '-enable-kvm', '-cpu', 'host,-arch-capabilities', '-smp', '1', '-m', '256', '-nographic', '-no-reboot',
     '-kernel', gk.vmlinux, '-initrd', gk.initrd, '-append', cmdline];
-  const samples = { kvmkit: { first: [], init: [] }, qemu: { first: [], init: [] } };
+  const MARKS = [
+    ['smp: Brought up', /smp: Brought up/], ['devtmpfs', /devtmpfs: initialized/], ['clocksource switch', /clocksource: Switched to clocksource/],
+    ['Unpacking initramfs', /Unpacking initramfs/], ['io scheduler', /io scheduler mq-deadline/], ['Run /init', INIT_RE],
+  ];
+  const samples = { kvmkit: { first: [], init: [], cpu: [], marks: [] }, qemu: { first: [], init: [], cpu: [], marks: [] } };
   const errors = [];
   const l0 = load('linux: before');
   for (let r = 0; r < LR; r++) {
@@ -277,25 +309,37 @@ if (values.linux) {
       if (res.tMatch === undefined) {
         // Recorded, not fatal: the other VMM's boot is still worth measuring.
         const lastLine = res.stdout.trim().split(/\r?\n/).at(-1) ?? '';
-        const err = `${name} round ${r}: no "Run /init" line after ${(res.tExit / 1000).toFixed(0)} s (exit ${res.code ?? res.signal}${res.timedOut ? ', killed at the timeout' : ''}); last serial line: ${JSON.stringify(lastLine)}`;
+        const cpu = res.cpuAtTimeout !== undefined ? `, ${res.cpuAtTimeout.toFixed(0)} s CPU` : '';
+        const err = `${name} round ${r}: no "Run /init" line after ${(res.tExit / 1000).toFixed(0)} s (exit ${res.code ?? res.signal}${res.timedOut ? `, killed at the timeout${cpu}` : ''}); last serial line: ${JSON.stringify(lastLine)}`;
         errors.push(err);
         console.error(`linux: ${err}`);
       }
       samples[name].first.push(res.tFirst);
       samples[name].init.push(res.tMatch ?? NaN);
+      samples[name].cpu.push(res.cpuAtMatch ?? NaN);
+      samples[name].marks.push(milestones(res.stamped, MARKS));
     }
   }
   const l1 = load('linux: after');
-  const med = Object.fromEntries(Object.entries(samples).map(([k, s]) => [k, { firstByteMs: median(s.first), runInitMs: median(s.init), samples: s }]));
+  const med = Object.fromEntries(Object.entries(samples).map(([k, s]) => [k, {
+    firstByteMs: median(s.first), runInitMs: median(s.init), cpuAtRunInitS: median(s.cpu),
+    milestonesS: Object.fromEntries(MARKS.map(([n]) => [n, median(s.marks.map((x) => x[n]))])), samples: s,
+  }]));
   results.linux = { kernel: gk.vmlinux, initrd: gk.initrd, kvmkitCmdlineLogged: cmdline, qemuAppend: cmdline, rounds: LR, errors, ...med };
   results.commands.linux = { kvmkit: [process.execPath, ...kvmkitArgs].join(' '), qemu: [qemu, ...qemuArgsLinux()].map((x) => (/\s/.test(x) ? `'${x}'` : x)).join(' ') };
   say();
   say(`3. Linux: process start → "Run /init as init process" (${gk.vmlinux}, ${gk.initrd}, 1 vCPU, 256 MiB), s, median of ${LR}   [${fmtLoad(l0)} → ${l1.load1}]`);
   say(`   kvmkit cmdline (logged by boot-linux): ${cmdline}`);
   say(`   QEMU -append:                          ${cmdline}`);
-  say(`   ${'VMM'.padEnd(8)} ${'first serial byte'.padStart(18)} ${'Run /init'.padStart(10)}`);
-  for (const [k, m] of Object.entries(med)) say(`   ${k.padEnd(8)} ${f2(m.firstByteMs / 1000, 18)} ${f2(m.runInitMs / 1000, 10)}`);
-  say(`   kvmkit/QEMU: first byte ${ratio(med.kvmkit.firstByteMs, med.qemu.firstByteMs)}, Run /init ${ratio(med.kvmkit.runInitMs, med.qemu.runInitMs)}`);
+  say(`   ${'VMM'.padEnd(8)} ${'first serial byte'.padStart(18)} ${'Run /init'.padStart(10)} ${'CPU s at Run /init'.padStart(19)}`);
+  for (const [k, m] of Object.entries(med)) say(`   ${k.padEnd(8)} ${f2(m.firstByteMs / 1000, 18)} ${f2(m.runInitMs / 1000, 10)} ${f1(m.cpuAtRunInitS, 19)}`);
+  say(`   kvmkit/QEMU: first byte ${ratio(med.kvmkit.firstByteMs, med.qemu.firstByteMs)}, Run /init ${ratio(med.kvmkit.runInitMs, med.qemu.runInitMs)}, CPU ${ratio(med.kvmkit.cpuAtRunInitS, med.qemu.cpuAtRunInitS)}`);
+  say(`   serial milestones, s since spawn (kvmkit / QEMU / ratio):`);
+  for (const [n] of MARKS) {
+    const a = med.kvmkit.milestonesS[n];
+    const b = med.qemu.milestonesS[n];
+    say(`     ${n.padEnd(20)} ${f1(a)} / ${f1(b)}  ${ratio(a, b)}`);
+  }
   for (const e of errors) say(`   FAILED: ${e}`);
 }
 
