@@ -4,6 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Machine, Kvm, silentLogger, isKvmkitError, type Plugin, type MachineApi, type CpuidEntry } from '@kvmkit/kernel';
 import bootFlat from '@kvmkit/plugin-boot-flat';
+import { debugExitPlugin } from '@kvmkit/testkit';
 import cpuTemplate, {
   applyNamed, applyTopology, apicIdOf, denseApicIds, featureOf, missingFeatures, doctorCheck, TEMPLATE_MASKS, LEVEL_FEATURES, type CpuTemplateApi, type Topology,
 } from './index.js';
@@ -14,9 +15,7 @@ const log = silentLogger();
 /** Exits at once (the test reads KVM's CPUID while the vCPUs are created). */
 const exitGuest = new Uint8Array([0x31, 0xc0, 0xe6, 0xf4, 0xeb, 0xfe]);
 
-function exitPort(): Plugin {
-  return { name: 'test-exit', version: '0.1.0', apply(m: MachineApi) { m.hooks.devices.tap('test-exit', (reg) => reg.addPio(0xf4, 1, { read() {}, write: (_o, d) => m.requestStop({ reason: 'guest-exit', exitCode: d[0]! }) }, 'test-exit')); } };
-}
+const exitPort = debugExitPlugin;
 
 /** Records KVM_GET_CPUID2 of every vCPU right after the kernel's KVM_SET_CPUID2. */
 function cpuidRecorder(out: CpuidEntry[][]): Plugin {
@@ -114,6 +113,27 @@ describe('templates (pure)', () => {
     expect(mk({ template: { leaves: [{ function: -1 }] } })).toThrow(/leaves\[0\]\.function/);
     expect(mk({ template: { leaves: [{ function: 1, ecx: { set: 1, toggle: 2 } }] } })).toThrow(/leaves\[0\]\.ecx/);
     expect(mk({ topology: { sockets: 1, cores: 0, threads: 1 } })).toThrow(/topology.cores/);
+    expect(mk({ msrs: [{ index: -1, value: 0 }] })).toThrow(/msrs\[0\]\.index/);
+    expect(mk({ msrs: [{ index: 0x10, value: 'zz' }] })).toThrow(/msrs\[0\]\.value/);
+    expect(mk({ msrs: {} })).toThrow(/msrs must be an array/);
+  });
+});
+
+describe.skipIf(!hasKvm)('cpu-template MSR shaping on /dev/kvm', () => {
+  it('writes the MSRs to every vCPU and KVM holds them (read back with KVM_GET_MSRS)', async () => {
+    const TSC_AUX = 0xc0000103;
+    const held: bigint[] = [];
+    const reader: Plugin = { name: 'msr-rec', version: '0.1.0', apply(m: MachineApi) { m.hooks.vcpuCreated.tapPromise('msr-rec', async ({ index, vcpu }) => { held[index] = vcpu.getMsrs([TSC_AUX])[0]!.data; }); } };
+    const m = new Machine({ config: { name: 'msr', memory: 4, cpus: 2 }, plugins: [exitPort(), cpuTemplate({ msrs: [{ index: TSC_AUX, value: '0x2a' }] }), reader, bootFlat({ image: exitGuest, ring: 3 })], log });
+    await m.start();
+    await m.waitForStop();
+    expect(held).toEqual([0x2an, 0x2an]);
+    expect(m.api.use<CpuTemplateApi>('cpu-template')!.warnings().filter((w) => /MSR/.test(w.message))).toEqual([]);
+  });
+
+  it('an MSR KVM refuses is a coded error before the VM runs', async () => {
+    const m = new Machine({ config: { name: 'msrbad', memory: 4, cpus: 1 }, plugins: [cpuTemplate({ msrs: [{ index: 0x7fff_0000, value: 1 }] }), bootFlat({ image: exitGuest, ring: 3 })], log });
+    await expect(m.start()).rejects.toMatchObject({ code: 'KVMKIT_ERR_CPU_TEMPLATE_MSR' });
   });
 });
 

@@ -19,7 +19,19 @@ export const CPU_TEMPLATE_ERRORS = {
   TEMPLATE: 'KVMKIT_ERR_CPU_TEMPLATE',
   /** KVM_GET_CPUID2 differs from what KVM_SET_CPUID2 was given (e.g. nested PVM rewrites feature leaves). */
   NOT_HELD: 'KVMKIT_ERR_CPU_TEMPLATE_NOT_HELD',
+  /** KVM refused an MSR of the `msrs` option (unknown index or value it does not accept). */
+  MSR: 'KVMKIT_ERR_CPU_TEMPLATE_MSR',
 } as const;
+
+/** One MSR value to set on every vCPU (`value` as a number, bigint or "0x…" string). */
+export interface MsrSetting {
+  index: number;
+  value: number | bigint | string;
+}
+
+function msrValue(v: MsrSetting['value']): bigint {
+  return typeof v === 'bigint' ? v : BigInt(v);
+}
 
 /** One difference between the CPUID handed to KVM_SET_CPUID2 and what KVM_GET_CPUID2 returns. */
 export interface CpuidDifference {
@@ -61,6 +73,12 @@ export interface CpuTemplateOptions {
   topology?: Topology;
   /** Fail (KVMKIT_ERR_CPU_TEMPLATE) instead of warning when the host lacks features the level promises. */
   strict?: boolean;
+  /**
+   * MSR shaping: values written to every vCPU (KVM_SET_MSRS) after its CPUID is set, then read back
+   * (KVM_GET_MSRS). A value KVM refuses is KVMKIT_ERR_CPU_TEMPLATE_MSR; one it changes is reported like CPUID
+   * divergence (a warning, or an error with `strict`).
+   */
+  msrs?: MsrSetting[];
 }
 
 /** What `machine.use('cpu-template')` returns. */
@@ -114,7 +132,20 @@ function validateOptions(o: unknown): void {
   if (o === undefined || o === null) return;
   if (typeof o !== 'object' || Array.isArray(o)) throw optErr('options must be an object', '');
   const x = o as Record<string, unknown>;
-  for (const k of Object.keys(x)) if (!['template', 'templateFile', 'topology', 'strict'].includes(k)) throw optErr(`unknown option ${k} (known: template, templateFile, topology, strict)`, k);
+  for (const k of Object.keys(x)) if (!['template', 'templateFile', 'topology', 'strict', 'msrs'].includes(k)) throw optErr(`unknown option ${k} (known: template, templateFile, topology, strict, msrs)`, k);
+  if (x.msrs !== undefined) {
+    if (!Array.isArray(x.msrs)) throw optErr('option msrs must be an array of { index, value }', 'msrs');
+    x.msrs.forEach((m: unknown, i: number) => {
+      const e = m as Record<string, unknown>;
+      if (typeof e !== 'object' || e === null || !Number.isInteger(e.index) || (e.index as number) < 0 || (e.index as number) > 0xffffffff) throw optErr(`msrs[${i}].index must be a 32-bit MSR number`, `msrs[${i}].index`);
+      try {
+        const v = msrValue(e.value as MsrSetting['value']);
+        if (v < 0n || v > 0xffff_ffff_ffff_ffffn) throw new Error('range');
+      } catch {
+        throw optErr(`msrs[${i}].value must be a 64-bit value (number, bigint or "0x…" string)`, `msrs[${i}].value`);
+      }
+    });
+  }
   if (x.template !== undefined && typeof x.template !== 'string') validateCustomTemplate(x.template);
   if (typeof x.template === 'string' && !TEMPLATE_NAMES.includes(x.template as TemplateName)) throw optErr(`option template must be one of ${TEMPLATE_NAMES.join(', ')} or a custom template (got ${JSON.stringify(x.template)})`, 'template');
   if (x.templateFile !== undefined && typeof x.templateFile !== 'string') throw optErr('option templateFile must be a path', 'templateFile');
@@ -175,6 +206,24 @@ export default function cpuTemplate(options: CpuTemplateOptions = {}): Plugin {
 
       // Read back what KVM holds: some hosts rewrite parts of the table (nested PVM puts the real CPU's
       // feature leaves back, since guest CPUID is not trapped there).
+      machine.hooks.vcpuCreated.tapPromise(`${NAME}:msrs`, async ({ index, vcpu }) => {
+        const want = (options.msrs ?? []).map((m) => ({ index: m.index, data: msrValue(m.value) }));
+        if (want.length === 0) return;
+        const n = vcpu.setMsrs(want);
+        if (n < want.length) {
+          const bad = want[n]!;
+          throw new KvmkitError(CPU_TEMPLATE_ERRORS.MSR, `${NAME}: KVM refused MSR 0x${bad.index.toString(16)} = 0x${bad.data.toString(16)} on vCPU ${index}`, { details: { index: bad.index, value: `0x${bad.data.toString(16)}`, vcpu: index } });
+        }
+        const got = vcpu.getMsrs(want.map((m) => m.index));
+        const differ = want.filter((m, i) => got[i]?.data !== m.data);
+        if (differ.length > 0) {
+          const message = `${NAME}: vCPU ${index}: KVM holds other values for MSR ${differ.map((m) => `0x${m.index.toString(16)}`).join(', ')} than were set`;
+          if (options.strict) throw new KvmkitError(CPU_TEMPLATE_ERRORS.NOT_HELD, message, { details: { msrs: differ.map((m) => m.index) } });
+          warnings.push({ code: CPU_TEMPLATE_ERRORS.NOT_HELD, message });
+          log.warn({ code: CPU_TEMPLATE_ERRORS.NOT_HELD }, message);
+        }
+      });
+
       machine.hooks.vcpuCreated.tapPromise(NAME, async ({ index, vcpu }) => {
         const mine = applied[index];
         if (!mine) return;
