@@ -17,6 +17,9 @@ const projects = groups.flatMap((g) =>
 export default defineConfig({
   test: {
     testTimeout: 60_000,
+    // The JSON report feeds scripts/test-summary.mjs (CI prints a plain 'N passed, N failed' line from it).
+    reporters: ['default', 'json'],
+    outputFile: { json: 'test-results.json' },
     hookTimeout: 60_000,
     projects: [
       ...projects,
