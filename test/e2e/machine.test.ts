@@ -4,17 +4,11 @@ import bootFlat from '@kvmkit/plugin-boot-flat';
 import counter, { type CounterApi } from 'kvmkit-plugin-example-counter';
 // @ts-expect-error plain ESM helper without types
 import { pioLoop, mmioLoop, spin } from '../../bench/guests.mjs';
+import { runToStop } from '@kvmkit/testkit';
 import { hasKvm, exitPort } from './helpers.js';
 
 const log = silentLogger();
 
-async function runToStop(m: Machine, timeoutMs = 60_000): Promise<StopReason> {
-  await m.start();
-  const t = setTimeout(() => void m.stop({ reason: 'user', exitCode: 99, message: 'test timeout' }), timeoutMs);
-  const r = await m.waitForStop();
-  clearTimeout(t);
-  return r;
-}
 
 describe.skipIf(!hasKvm)('Machine on /dev/kvm', () => {
   it('runs 2 vCPUs in ring 3 and dispatches PIO on the vCPU threads (fast path)', async () => {

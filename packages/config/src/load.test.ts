@@ -3,6 +3,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { isKvmkitError, type KvmkitError } from '@kvmkit/kernel';
+import { kvmkitRejection } from '@kvmkit/testkit';
 import { fromObject, loadConfig } from './index.js';
 
 const root = mkdtempSync(path.join(os.tmpdir(), 'kvmkit-config-load-'));
@@ -20,15 +21,7 @@ function project(files: Record<string, string>, withPackageJson = true): string 
   return d;
 }
 
-async function failure(p: Promise<unknown>): Promise<KvmkitError> {
-  try {
-    await p;
-  } catch (e) {
-    if (isKvmkitError(e)) return e;
-    throw e;
-  }
-  throw new Error('expected a KvmkitError');
-}
+const failure = kvmkitRejection;
 
 const VM = { vms: { web: { memory: 128, cpus: 2, plugins: ['serial'] } } };
 

@@ -3,6 +3,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { isKvmkitError, PluginHost, type KvmkitError } from '@kvmkit/kernel';
+import { kvmkitRejection } from '@kvmkit/testkit';
 import { instantiatePlugins, loadConfig, resolvePluginModule, resolveVm } from './index.js';
 
 const root = realpathSync(mkdtempSync(path.join(os.tmpdir(), 'kvmkit-config-plugins-')));
@@ -34,15 +35,7 @@ write('proj/bad/syntax.mjs', 'export default (;\n');
 write('proj/bad/frozen.mjs', `export default () => Object.freeze({ name: 'frozen', version: '1.0.0', apply() {} });\n`);
 write('proj/bad/async.mjs', `export default async (o) => ({ name: 'async', version: '1.0.0', apply() {}, options: o });\n`);
 
-async function failure(p: Promise<unknown>): Promise<KvmkitError> {
-  try {
-    await p;
-  } catch (e) {
-    if (isKvmkitError(e)) return e;
-    throw e;
-  }
-  throw new Error('expected a KvmkitError');
-}
+const failure = kvmkitRejection;
 
 const baseDir = path.join(root, 'proj');
 

@@ -1,4 +1,5 @@
 import {
+  isKvmkitError, type KvmkitError, type Machine,
   createHooks, tapOnly, silentLogger, PioBus, MmioBus, GuestMemory, DeviceRegistry, defaultMemoryLayout, PluginHost,
   type Hooks, type MachineApi, type MachineConfig, type Plugin, type StopReason, type Vm, type Segment, type StateSection,
 } from '@kvmkit/kernel';
@@ -101,4 +102,27 @@ export function realModeBoot(code: Uint8Array | number[]): Plugin {
       });
     },
   };
+}
+
+/**
+ * Starts a machine and waits for it to stop; after `timeoutMs` it is stopped with reason 'user' and exit code
+ * 99 ('test timeout'), so a hung guest fails the test instead of hanging it.
+ */
+export async function runToStop(m: Machine, timeoutMs = 30_000): Promise<StopReason> {
+  await m.start();
+  const t = setTimeout(() => void m.stop({ reason: 'user', exitCode: 99, message: 'test timeout' }), timeoutMs);
+  const r = await m.waitForStop();
+  clearTimeout(t);
+  return r;
+}
+
+/** The KvmkitError a promise rejects with; anything else (or no rejection) fails. */
+export async function kvmkitRejection(p: Promise<unknown>): Promise<KvmkitError> {
+  try {
+    await p;
+  } catch (e) {
+    if (isKvmkitError(e)) return e;
+    throw e;
+  }
+  throw new Error('expected a KvmkitError');
 }

@@ -2,7 +2,7 @@ import { describe, it, expect } from 'vitest';
 import { existsSync } from 'node:fs';
 import { Machine, silentLogger, type Plugin, type StopReason } from '@kvmkit/kernel';
 import platformPc, { type PlatformPcApi, type PlatformPcState } from './index.js';
-import { realModeBoot, REAL_MODE_LOAD as LOAD } from '@kvmkit/testkit';
+import { realModeBoot, runToStop, REAL_MODE_LOAD as LOAD } from '@kvmkit/testkit';
 
 const hasKvm = existsSync('/dev/kvm');
 if (!hasKvm) console.warn('[plugin-platform-pc] /dev/kvm not present: KVM integration tests are skipped');
@@ -11,13 +11,7 @@ function machine(name: string, code: number[], plugins: Plugin[] = [platformPc()
   return new Machine({ config: { name, memory: 16, cpus: 1 }, plugins: [...plugins, realModeBoot(code)], log: silentLogger() });
 }
 
-async function run(m: Machine, timeoutMs = 30_000): Promise<StopReason> {
-  await m.start();
-  const t = setTimeout(() => void m.stop({ reason: 'user', exitCode: 99, message: 'test timeout' }), timeoutMs);
-  const r = await m.waitForStop();
-  clearTimeout(t);
-  return r;
-}
+const run = runToStop;
 
 const OUT_F4 = [0xe6, 0xf4]; // out 0xf4, al
 const HLT = [0xf4, 0xeb, 0xfd]; // hlt; jmp hlt

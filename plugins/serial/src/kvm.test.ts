@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { Machine, silentLogger, type Plugin, type StopReason } from '@kvmkit/kernel';
 import serial, { type SerialApi } from './index.js';
-import { realModeBoot, REAL_MODE_LOAD as LOAD } from '@kvmkit/testkit';
+import { realModeBoot, runToStop, REAL_MODE_LOAD as LOAD } from '@kvmkit/testkit';
 
 const hasKvm = existsSync('/dev/kvm');
 if (!hasKvm) console.warn('[plugin-serial] /dev/kvm not present: KVM integration tests are skipped');
@@ -27,13 +27,7 @@ function testPlatform(irqchip: boolean): Plugin {
   };
 }
 
-async function run(m: Machine, timeoutMs = 30_000): Promise<StopReason> {
-  await m.start();
-  const t = setTimeout(() => void m.stop({ reason: 'user', exitCode: 99, message: 'test timeout' }), timeoutMs);
-  const r = await m.waitForStop();
-  clearTimeout(t);
-  return r;
-}
+const run = runToStop;
 
 const MSG = 'Hello from the 16550A\n';
 
