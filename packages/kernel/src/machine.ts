@@ -61,6 +61,9 @@ interface VcpuRuntime {
 /** Capabilities the kernel itself needs. */
 const REQUIRED_CAPS = ['USER_MEMORY', 'IMMEDIATE_EXIT', 'EXT_CPUID', 'SET_TSS_ADDR'] as const;
 
+/** Pre-spawned vCPU workers that failed or exited before being adopted. */
+const prewarmFailed = new WeakMap<Worker, Error>();
+
 let sigusr2Installed = false;
 /** SIGUSR2 kicks a vCPU thread out of KVM_RUN (EINTR). A no-op listener makes libuv install a handler. */
 function installKickSignal(): void {
@@ -106,6 +109,8 @@ export class Machine {
   private cmdline = '';
   private resetRequested = false;
   private devicesRan = false;
+  /** vCPU workers spawned early, so their start-up overlaps the rest of start(); handed their init later. */
+  private prewarmed: Worker[] = [];
   private readonly kvmPath: string | undefined;
   private readonly mailboxWake: 'waitAsync' | 'eventfd';
   /** Number of exits handled on the main thread per vCPU (diagnostics). */
@@ -199,6 +204,8 @@ export class Machine {
           this.log.error({ err: e2 }, 'an afterStop tap failed after a failed start');
         }
       }
+      for (const w of this.prewarmed) if (!this.runtimes.some((rt) => rt.worker === w)) await w.terminate();
+      this.prewarmed = [];
       for (const rt of this.runtimes) {
         Atomics.store(rt.ctrl, P.CMD, P.CMD_STOP);
         Atomics.notify(rt.ctrl, P.CMD);
@@ -224,6 +231,15 @@ export class Machine {
     this.config = await this.guard('configure', undefined, () => this.hooks.configure.call(this.config));
     validateMachineConfig(this.config);
     this._state = 'configured';
+    // Thread + isolate + module start-up of the vCPU workers runs while memory, devices and boot are set up.
+    const url = workerUrl();
+    this.prewarmed = Array.from({ length: this.config.cpus }, (_, i) => {
+      const w = new Worker(url, { name: `vcpu${i}` });
+      // Until startWorkers() adopts it, remember a failure instead of losing the events.
+      w.on('error', (e) => { if (!prewarmFailed.has(w)) prewarmFailed.set(w, e); });
+      w.once('exit', (code) => { if (!prewarmFailed.has(w)) prewarmFailed.set(w, new Error(`exited with code ${code}`)); });
+      return w;
+    });
 
     const kvm = (this.kvm = Kvm.open(this.kvmPath));
     kvm.requireCapabilities([...REQUIRED_CAPS]);
@@ -307,13 +323,18 @@ export class Machine {
     const pio = ranges(this.pio.list(), 'pio');
     const mmio = ranges(this.mmio.list(), 'mmio');
     const url = workerUrl();
+    this.prewarmed = this.prewarmed.slice(0, this._vcpus.length);
     const ready: Array<Promise<void>> = [];
     for (const vcpu of this._vcpus) {
       const ctrlSab = new SharedArrayBuffer(P.CTRL_INTS * 4);
       const mbSab = new SharedArrayBuffer(P.MB_BYTES);
       const wake = this.mailboxWake === 'eventfd' ? EventFd.create() : undefined;
       const init: P.WorkerInit = { index: vcpu.index, fd: vcpu.fd, mmapSize: vcpu.mmapSize, ctrl: ctrlSab, mailbox: mbSab, pio, mmio, handlers, wakeFd: wake ? wake.fd : -1 };
-      const worker = new Worker(url, { workerData: init, name: `vcpu${vcpu.index}` });
+      const pre = this.prewarmed[vcpu.index];
+      const early = pre ? prewarmFailed.get(pre) : undefined;
+      if (early) throw new KvmkitError('KVMKIT_ERR_VCPU_WORKER', `vCPU ${vcpu.index} worker failed while starting: ${early.message}`, { cause: early });
+      const worker = pre ?? new Worker(url, { workerData: init, name: `vcpu${vcpu.index}` });
+      if (pre) worker.postMessage(init);
       const rt: VcpuRuntime = {
         index: vcpu.index, vcpu, worker, ctrl: new Int32Array(ctrlSab), mb: new Int32Array(mbSab), mbBytes: new Uint8Array(mbSab),
         tid: 0, thread: 0n, done: false, exited: Promise.resolve(), wake, watch: undefined,

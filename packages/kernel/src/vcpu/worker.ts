@@ -10,7 +10,9 @@ import { KVM_EXIT } from '../exits.js';
 import type { WorkerHandler, WorkerHandlerFactory } from '../bus.js';
 import * as P from './protocol.js';
 
-const init = workerData as P.WorkerInit;
+// A worker is spawned early (while the machine is still being assembled) and gets its init by message, or is
+// spawned with it as workerData.
+const init: P.WorkerInit = (workerData as P.WorkerInit | null) ?? (await new Promise<P.WorkerInit>((res) => parentPort!.once('message', res)));
 const ctrl = new Int32Array(init.ctrl);
 const mb = new Int32Array(init.mailbox);
 const mbBytes = new Uint8Array(init.mailbox);
