@@ -1,12 +1,17 @@
-import { describe, it, expect } from 'vitest';
+import { describe, it, expect, afterAll } from 'vitest';
 import { createServer, connect, type Socket } from 'node:net';
-import { mkdtempSync } from 'node:fs';
+import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Channel, encodeFrame, F, checkAddress, FRAME_HEADER } from './protocol.js';
 
+const dirs: string[] = [];
+afterAll(() => { for (const d of dirs) rmSync(d, { recursive: true, force: true }); });
+
 async function pair(): Promise<[Socket, Socket]> {
-  const path = join(mkdtempSync(join(tmpdir(), 'kvmkit-ch-')), 's');
+  const dir = mkdtempSync(join(tmpdir(), 'kvmkit-ch-'));
+  dirs.push(dir);
+  const path = join(dir, 's');
   const server = createServer();
   await new Promise<void>((r) => server.listen(path, r));
   const accepted = new Promise<Socket>((r) => server.once('connection', r));

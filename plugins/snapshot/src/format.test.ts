@@ -1,5 +1,5 @@
-import { describe, it, expect } from 'vitest';
-import { mkdtempSync, writeFileSync, readFileSync } from 'node:fs';
+import { afterAll, describe, it, expect } from 'vitest';
+import { mkdtempSync, rmSync, writeFileSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { encodeStateFile, readStateFile, HEADER_SIZE, type SnapshotBody } from './format.js';
@@ -16,6 +16,7 @@ const body = (): SnapshotBody => ({
 
 describe('state file format', () => {
   const dir = mkdtempSync(join(tmpdir(), 'kvmkit-fmt-'));
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
   it('round-trips a body (bigint, Uint8Array) and identifies it by the body sha256', () => {
     const { bytes, sha256 } = encodeStateFile(body());
     expect(bytes.subarray(0, 8).toString('latin1')).toBe('KVMKSNAP');

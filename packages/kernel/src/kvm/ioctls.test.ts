@@ -1,6 +1,6 @@
 import { describe, it, expect } from 'vitest';
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, writeFileSync, existsSync } from 'node:fs';
+import { mkdtempSync, writeFileSync, existsSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { KVM, OFF, SIZE, KVM_CAP } from './ioctls.js';
@@ -46,6 +46,7 @@ describe.skipIf(!hasHeader)('ioctl table vs <linux/kvm.h>', () => {
     writeFileSync(join(dir, 'l.c'), cProgram());
     execFileSync('gcc', ['-o', join(dir, 'l'), join(dir, 'l.c')]);
     const out = execFileSync(join(dir, 'l'), { encoding: 'utf8' });
+    rmSync(dir, { recursive: true, force: true });
     const actual = new Map(out.trim().split('\n').map((l) => l.split('=') as [string, string]));
     const expected = new Map<string, string>();
     for (const [k, v] of Object.entries(SIZE)) expected.set(`SIZE.${k}`, String(v));
