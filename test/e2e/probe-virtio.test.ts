@@ -123,6 +123,33 @@ describe.skipIf(!hasKvm)('probe virtio-blk driver on kvmkit', () => {
   }, 60_000);
 });
 
+describe.skipIf(!hasKvm)('probe virtio-mmio cmdline validation on kvmkit', () => {
+  it.each([
+    ['an address in RAM', 'virtio_mmio.device=4K@0x100000:5', 'bad_virtio_mmio_device_param'],
+    ['a window past 4 GiB', 'virtio_mmio.device=4K@0xfffff800:5', 'bad_virtio_mmio_device_param'],
+    ['a missing irq', 'virtio_mmio.device=4K@0xd0000000', 'bad_virtio_mmio_device_param'],
+    ['no entry at all', '', 'no_virtio_mmio_device_param'],
+  ])('refuses %s before touching it', async (_what, param, err) => {
+    // No disk plugin: the only virtio_mmio.device entry is the one given here.
+    const chunks: Uint8Array[] = [];
+    const m = new Machine({
+      config: { name: 'probe-blk-bad', memory: 64, cpus: 1, cmdline: `probe.test=blk ${param}`.trim() },
+      plugins: [platformPc(), serial({ console: false, output: 'none', sink: (b) => chunks.push(b) }), bootLinux({ kernel: elf })],
+      log: silentLogger(),
+    });
+    let r: StopReason;
+    try {
+      await m.start();
+      r = await m.waitForStop();
+    } finally {
+      await m.stop();
+    }
+    const out = Buffer.concat(chunks).toString();
+    expect(out).toContain(`PROBE error blk_${err}`);
+    expect(r.exitCode).toBe(1);
+  }, 30_000);
+});
+
 describe.skipIf(!hasKvm || !qemu)('probe virtio-blk driver on QEMU microvm', () => {
   it('same probe on virtio-blk-device: pattern in the image file', async () => {
     const file = image('qemu.img');
@@ -138,5 +165,18 @@ describe.skipIf(!hasKvm || !qemu)('probe virtio-blk driver on QEMU microvm', () 
     expect(blk?.fields).toMatchObject({ written: String(n), read: String(n), ok: '1', flush: '0' });
     console.log(`[probe-virtio] qemu: ${res.output.split(/\r?\n/).find((l) => l.startsWith('PROBE blk '))}`);
     checkImage(file, seed, start, n);
+  }, 60_000);
+
+  it('read-only drive (readonly=on): the write comes back IOERR, the image is untouched', async () => {
+    const file = image('qemu-ro.img');
+    const res = await runQemuProbe({
+      test: 'blk', params: { 'blk.ro': 1, 'blk.start': 3 },
+      extraArgs: ['-global', 'virtio-mmio.force-legacy=false', '-drive', `file=${file},format=raw,if=none,id=d0,readonly=on`, '-device', 'virtio-blk-device,drive=d0'],
+      timeoutMs: 30_000,
+    });
+    const blk = res.probe.lines.find((l) => l.test === 'blk');
+    expect(res.exitStatus, res.output).toBe(0);
+    expect(blk?.fields).toMatchObject({ ro: '1', dev_ro: '1', write_status: '1', read_status: '0', ok: '1' });
+    expect(fs.readFileSync(file).every((x) => x === 0)).toBe(true);
   }, 60_000);
 });

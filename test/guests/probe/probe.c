@@ -495,7 +495,8 @@ static u64 parse_num(const char *s, const char **end, int *ok)
     return v;
 }
 
-/* The index-th "virtio_mmio.device=<size>[K|M]@<addr>:<irq>" on the cmdline. 1 if found and sane. */
+/* The index-th "virtio_mmio.device=<size>[K|M]@<addr>:<irq>" on the cmdline: 1 if found and sane,
+ * 0 if malformed or outside the MMIO window, -1 if there is no such entry. */
 static int virtio_mmio_param(unsigned index, u64 *addr, u64 *size, u64 *irq)
 {
     const char *key = "virtio_mmio.device=";
@@ -521,7 +522,7 @@ static int virtio_mmio_param(unsigned index, u64 *addr, u64 *size, u64 *irq)
         *addr = a; *size = sz; *irq = i;
         return 1;
     }
-    return 0;
+    return -1;
 }
 
 /* Posts one chain (up to 3 descriptors) and polls the used ring. Returns the used length. */
@@ -579,10 +580,9 @@ static void blk_init(u64 *capacity)
     u64 addr = 0, size = 0, irq = 0;
     unsigned i;
     for (i = 0; i < 32; i++) {
-        if (!virtio_mmio_param(i, &addr, &size, &irq)) {
-            if (i == 0) blk_fail("no_virtio_mmio_device_param", 0);
-            blk_fail("no_blk_device", i);
-        }
+        int found = virtio_mmio_param(i, &addr, &size, &irq);
+        if (found == 0) blk_fail("bad_virtio_mmio_device_param", i);
+        if (found < 0) blk_fail(i == 0 ? "no_virtio_mmio_device_param" : "no_blk_device", i);
         vm_base = addr;
         if (vm_r(VM_MAGIC) != 0x74726976) blk_fail("magic", vm_r(VM_MAGIC));
         if (vm_r(VM_DEVICE_ID) == 2) break;
