@@ -15,11 +15,14 @@ import bootFlat from '@kvmkit/plugin-boot-flat';
 import platformPc from '@kvmkit/plugin-platform-pc';
 import virtioBlk, { type VirtioBlkApi } from '@kvmkit/plugin-virtio-blk';
 import snapshotPlugin, { snapshot, readStateFile } from '@kvmkit/plugin-snapshot';
+import migratePrecopy, { migrate } from '@kvmkit/plugin-migrate-precopy';
+import type { Plugin } from '@kvmkit/kernel';
 // @ts-expect-error plain ESM fixture without types
 import { MEM_MIB, REQ_BYTES, pattern, submitWrite, driverFor, saveDriver, usedIdx, waitFor } from './fixtures/blk-traffic.mjs';
 import { hasKvm } from './helpers.js';
 
 const CHILD = fileURLToPath(new URL('./fixtures/blk-child.mjs', import.meta.url));
+const DEST = fileURLToPath(new URL('./fixtures/blk-migrate-dest.mjs', import.meta.url));
 const IMAGE_BYTES = 2 << 20;
 const DRIVER_OK = 4;
 const log = silentLogger();
@@ -178,6 +181,155 @@ describe.skipIf(!hasKvm)('virtio-blk mid-traffic across snapshot → restore in 
       }
     } finally {
       if (!stopped) await m.stop();
+    }
+  }, 60_000);
+});
+
+/** Starts the migration destination; resolves once it listens. `lines` gets every JSON line it prints. */
+function startDest(args: Record<string, unknown>) {
+  const p = spawn(process.execPath, [DEST, JSON.stringify(args)], { stdio: ['pipe', 'pipe', 'pipe'] });
+  const lines: any[] = [];
+  const waiters: Array<() => void> = [];
+  let buf = '';
+  let err = '';
+  p.stdout.on('data', (d) => {
+    buf += d;
+    let i;
+    while ((i = buf.indexOf('\n')) >= 0) {
+      lines.push(JSON.parse(buf.slice(0, i)));
+      buf = buf.slice(i + 1);
+      waiters.splice(0).forEach((w) => w());
+    }
+  });
+  p.stderr.on('data', (d) => (err += d));
+  const closed = new Promise<number | null>((res) => p.on('close', (code) => { res(code); waiters.splice(0).forEach((w) => w()); }));
+  const next = async (pred: (o: any) => boolean, ms = 20_000): Promise<any> => {
+    const t0 = Date.now();
+    for (;;) {
+      const hit = lines.find((o) => pred(o) || o.error);
+      if (hit) return hit;
+      if (p.exitCode !== null || Date.now() - t0 > ms) throw new Error(`destination: no matching line (exit ${p.exitCode}); lines ${JSON.stringify(lines)} stderr ${err}`);
+      await new Promise<void>((r) => { waiters.push(r); setTimeout(r, 100); });
+    }
+  };
+  return { proc: p, next, closed, stderr: () => err };
+}
+
+describe.skipIf(!hasKvm)('virtio-blk mid-traffic across live migration', () => {
+  let dir: string;
+  beforeAll(() => { dir = mkdtempSync(join(tmpdir(), 'kvmkit-migdev-')); });
+  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+  it('writes submitted during the pre-copy rounds: each completes exactly once (source or destination), on disk with the right bytes', async () => {
+    const img = join(dir, 'disk.img');
+    writeFileSync(img, Buffer.alloc(IMAGE_BYTES));
+    // The host driver stands in for a guest driver: it must not touch guest RAM once the vCPUs are paused,
+    // except from the `paused` taps below, which model a guest that made requests available just before the
+    // final pause: burst A is notified before the device's own `paused` tap (so it is in flight when the device
+    // pauses and must complete on the source), burst B after it (remembered, not processed: it must complete
+    // on the destination). The final dirty pages are collected after every `paused` tap.
+    let frozen = false;
+    let inflightAtPause = -1;
+    let api: VirtioBlkApi;
+    let drv: any;
+    const submitted: Req[] = [];
+    const burstA: Req[] = [];
+    const burstB: Req[] = [];
+    const burst = (into: Req[], k: number) => {
+      for (let j = 0; j < k; j++) into.push(submitWrite(drv, submitted.length + j, 1));
+      submitted.push(...into);
+      drv.kick(0);
+    };
+    const before: Plugin = {
+      name: 'blk-burst-a', version: '0.1.0', kernel: '^0.1.0',
+      apply(machine) {
+        machine.hooks.paused.tapPromise('blk-burst-a', async () => { frozen = true; if (!burstA.length) burst(burstA, 8); inflightAtPause = api.device!.inflightCount; });
+        machine.hooks.resumed.tapPromise('blk-burst-a', async () => { frozen = false; });
+      },
+    };
+    const after: Plugin = {
+      name: 'blk-burst-b', version: '0.1.0', kernel: '^0.1.0',
+      apply(machine) {
+        machine.hooks.paused.tapPromise('blk-burst-b', async () => { if (!burstB.length) burst(burstB, 8); });
+      },
+    };
+    const m = new Machine({
+      config: { name: 'blk-mig', memory: MEM_MIB, cpus: 1 },
+      plugins: [snapshotPlugin(), migratePrecopy(), before, platformPc(), virtioBlk({ path: img }), after, bootFlat({ image: new Uint8Array([0xeb, 0xfe]), ring: 3 })],
+      log,
+    });
+    await m.start();
+    let dest: ReturnType<typeof startDest> | undefined;
+    try {
+      api = m.api.use<VirtioBlkApi>('virtio-blk')!;
+      const mem = m.memory!;
+      drv = driverFor(api.registration()!.transport, mem);
+      expect(drv.init() & DRIVER_OK).toBe(DRIVER_OK);
+      const sock = join(dir, 'mig.sock');
+      dest = startDest({ listen: sock, image: img, usedAddr: drv.queues[0].used.toString() });
+      expect((await dest.next((o) => o.listening !== undefined)).error).toBeUndefined();
+
+      const LIMIT = 180;
+      const tick = () => {
+        if (frozen || submitted.length >= LIMIT) return;
+        submitted.push(submitWrite(drv, submitted.length, 1));
+        drv.kick(0);
+      };
+      const timer = setInterval(tick, 1);
+      let report;
+      try {
+        await new Promise((r) => setTimeout(r, 10));
+        // A zero downtime budget keeps pre-copy rounds going while the traffic dirties pages (up to maxRounds).
+        report = await migrate(m, { to: sock, then: 'pause', downtimeMs: 0, maxRounds: 6 });
+      } finally {
+        clearInterval(timer);
+      }
+      expect(burstA).toHaveLength(8);
+      expect(burstB).toHaveLength(8);
+      expect(inflightAtPause).toBeGreaterThan(0);
+      expect(submitted.length).toBeLessThanOrEqual(LIMIT + 16);
+      // Source, paused after the hand-over: what it completed is final.
+      const usedAtPause = usedIdx(drv, mem);
+      const sourceUsed = drv.takeUsed(0);
+      expect(sourceUsed).toHaveLength(usedAtPause);
+      expect(sourceUsed.every((u: { len: number }) => u.len === 1)).toBe(true);
+      const byHead = new Map(submitted.map((r) => [r.head, r]));
+      for (const u of sourceUsed) expect(mem.readU8(BigInt(byHead.get(u.id)!.status))).toBe(0);
+      const driver = saveDriver(drv);
+      await m.stop();
+
+      const migrated = await dest.next((o) => o.migrated);
+      expect(migrated.error).toBeUndefined();
+      expect(migrated.atResume).toEqual({ transportPaused: true, usedIdx: usedAtPause, inflight: 0, writes: usedAtPause });
+      // Burst A (in flight at the pause) completed on the source; burst B (pending) did not.
+      const srcHeads = new Set(sourceUsed.map((u: { id: number }) => u.id));
+      expect(burstA.every((q) => srcHeads.has(q.head))).toBe(true);
+      expect(burstB.some((q) => srcHeads.has(q.head))).toBe(false);
+      const n = submitted.length;
+      const more: Array<[number, number]> = [];
+      for (let i = n; i < n + 20; i++) more.push([i, 1]);
+      for (let i = 0; i < 10; i++) more.push([i, 2]);
+      dest.proc.stdin!.write(JSON.stringify({ driver, submitted, more }) + '\n');
+      const r = await dest.next((o) => o.ok);
+      expect(r.error, `${JSON.stringify(r.error)} ${dest.stderr()}`).toBeUndefined();
+      // Every request submitted before/during the migration completed exactly once: on the source or the destination.
+      expect(heads([...sourceUsed, ...r.restUsed])).toEqual(heads(submitted));
+      expect(heads(r.restUsed)).toEqual(heads(burstB));
+      expect(heads(r.moreUsed)).toEqual(heads(r.more));
+      expect(r.extra).toEqual([]);
+      const total = n + more.length;
+      expect(r.final).toEqual({
+        usedIdx: total, inflight: 0, stats: expect.objectContaining({ writes: total, errors: 0, bytesWritten: total * REQ_BYTES }),
+        submittedStatus: submitted.map(() => 0), moreStatus: r.more.map(() => 0),
+      });
+      expect(await dest.closed).toBe(0);
+      const want = new Map<number, number>();
+      for (let i = 0; i < n + 20; i++) want.set(i, i < 10 ? 2 : 1);
+      checkDisk(img, want);
+      console.log(`[snapshot-devices] migration: ${n} writes submitted during ${report.rounds} rounds, ${usedAtPause} completed on the source, ${inflightAtPause} in flight at the final pause, ${n - usedAtPause} finished on the destination; downtime ${report.downtimeMs.toFixed(1)} ms`);
+    } finally {
+      if (m.state !== 'stopped') await m.stop();
+      dest?.proc.kill('SIGKILL');
     }
   }, 60_000);
 });
