@@ -120,12 +120,16 @@ describe.skipIf(!hasKvm)('dirty log', () => {
 
 describe.skipIf(!hasKvm)('start paused', () => {
   it('starts the vCPU threads paused and runs the guest only on resume()', async () => {
-    const m = new Machine({ config: { name: 'startpaused', memory: 8, cpus: 2 }, plugins: [exitPort(), counter(), bootFlat({ image: pioLoop(), ring: 3, arg: 100 })], log });
+    const seen: string[] = [];
+    // Devices start on vcpuThread unless the machine is paused (virtio transports do this): it must say 'paused'.
+    const watcher: Plugin = { name: 'state-watch', version: '1.0.0', apply(api) { api.hooks.vcpuThread.tap('state-watch', () => { seen.push(api.state); }); } };
+    const m = new Machine({ config: { name: 'startpaused', memory: 8, cpus: 2 }, plugins: [exitPort(), counter(), watcher, bootFlat({ image: pioLoop(), ring: 3, arg: 100 })], log });
     await m.start({ paused: true });
+    expect(seen).toEqual(['paused', 'paused']);
     expect(m.state).toBe('paused');
     await new Promise((r) => setTimeout(r, 100));
     expect(m.api.use<CounterApi>('counter')!.value()).toBe(0);
-    expect(m.api.plugins.map((p) => p.name)).toEqual(['test-exit', 'counter', 'boot-flat']);
+    expect(m.api.plugins.map((p) => p.name)).toEqual(['test-exit', 'counter', 'state-watch', 'boot-flat']);
     expect(m.api.strategies()).toEqual({ snapshot: [], migration: [] });
     await m.resume();
     const r = await m.waitForStop();

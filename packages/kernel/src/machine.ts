@@ -363,6 +363,8 @@ export class Machine {
       }));
     }
     await Promise.all(ready);
+    // A paused start is 'paused' from here on: vcpuThread taps (e.g. virtio transports) must not start devices.
+    if (paused) this._state = 'paused';
     for (const rt of this.runtimes) await this.guard('vcpuThread', undefined, () => this.hooks.vcpuThread.promise({ index: rt.index, tid: rt.tid }));
     for (const rt of this.runtimes) {
       this.serveMailbox(rt);
