@@ -250,6 +250,12 @@ describe('kvmkit (spawned bin)', () => {
     expect(t.stdout).toContain('ok    KVM API version 12');
     expect(t.stdout).toContain('kvmkit can run VMs on this host.');
     if (j.nestedPvm.detected) expect(t.stdout).toContain("hosts: { nested: { match: { kvmModule: 'kvm_pvm' }, plugins: ['host-pvm'] } }");
+    // Nested virtualization and CPUID control come from the nested-virt and cpu-template plugins.
+    expect(j.nested).toMatchObject({ supported: expect.any(Boolean), stateSize: expect.any(Number) });
+    expect(j.cpuid).toMatchObject({ honoured: expect.any(Boolean), detail: expect.any(String) });
+    expect(t.stdout).toMatch(/(ok|warn) {2,4}nested virtualization: /);
+    expect(t.stdout).toMatch(/(ok|warn) {2,4}guest CPUID follows KVM_SET_CPUID2: /);
+    if (j.nestedPvm.detected) expect(j.nested.supported).toBe(false); // kvm_pvm: no VMX/SVM for guests
   });
 
   it('doctor with an unusable device: exit 1, FAIL lines', () => {

@@ -33,6 +33,10 @@ export interface DoctorReport {
   /** CPU runs under a hypervisor (cpuinfo "hypervisor" flag). */
   underHypervisor: boolean;
   nestedPvm: { detected: boolean; source: string; report?: unknown };
+  /** @kvmkit/plugin-nested-virt's nestedReport(): can guests run their own KVM, and can nested state be saved. */
+  nested?: { supported: boolean; stateSize: number; detail: string } | { error: string };
+  /** @kvmkit/plugin-cpu-template's doctorCheck(): does the guest see the CPUID that KVM_SET_CPUID2 installed. */
+  cpuid?: { honoured: boolean; detail: string } | { error: string };
   config: { file: string | null; host: string | null; reason: string | null; hasHostPvm: boolean | null; error?: string };
   checks: Check[];
   suggestions: string[];
@@ -45,6 +49,16 @@ export interface DoctorOptions {
   sysModule?: string;
   /** Test hook: import of the host-pvm plugin package. */
   importHostPvm?: () => Promise<Record<string, unknown>>;
+  /** Run cpu-template's doctorCheck (boots a tiny guest; default true when the device is usable). */
+  cpuidCheck?: boolean;
+}
+
+async function optionalImport(name: string): Promise<Record<string, unknown> | { error: string }> {
+  try {
+    return (await import(name)) as Record<string, unknown>;
+  } catch (e) {
+    return { error: `${name} not usable: ${(e as Error)?.message ?? e}` };
+  }
 }
 
 const MODULES = ['kvm', 'kvm_intel', 'kvm_amd', 'kvm_pvm'] as const;
@@ -173,6 +187,34 @@ export async function runDoctor(opts: DoctorOptions = {}): Promise<DoctorReport>
       : modules.kvm_intel ? 'KVM on Intel VT-x' : modules.kvm_amd ? 'KVM on AMD SVM' : 'KVM (vendor module not seen in /sys/module)',
   });
 
+  // Nested virtualization and CPUID control, from the plugins that depend on them.
+  let nested: DoctorReport['nested'];
+  let cpuid: DoctorReport['cpuid'];
+  const usableSoFar = checks.filter((c) => c.required).every((c) => c.ok);
+  if (usableSoFar) {
+    const nv = await optionalImport('@kvmkit/plugin-nested-virt');
+    try {
+      if ('error' in nv) throw new Error(String(nv.error));
+      const rep = (nv.nestedReport as (o: { sysModule?: string; kvmPath?: string }) => { supported: boolean; nestedStateSize: number; module: string | null; moduleNested: boolean | null; cpuidFeature: boolean })({ sysModule, kvmPath: devicePath });
+      const detail = `${rep.supported ? 'guests can run KVM themselves' : 'not available'} (module ${rep.module ?? 'none'}, nested=${rep.moduleNested ?? 'n/a'}, VMX/SVM in supported CPUID: ${rep.cpuidFeature ? 'yes' : 'no'}); nested state ${rep.nestedStateSize > 0 ? `can be saved (${rep.nestedStateSize} bytes)` : 'cannot be saved (KVM_CAP_NESTED_STATE = 0)'}`;
+      nested = { supported: rep.supported, stateSize: rep.nestedStateSize, detail };
+      checks.push({ name: 'nested virtualization', ok: rep.supported, required: false, detail });
+    } catch (e) {
+      nested = { error: (e as Error).message };
+    }
+    if (opts.cpuidCheck !== false) {
+      const ct = await optionalImport('@kvmkit/plugin-cpu-template');
+      try {
+        if ('error' in ct) throw new Error(String(ct.error));
+        const rep = await (ct.doctorCheck as (o: { kvmPath?: string }) => Promise<{ honoured: boolean; message: string }>)({ kvmPath: devicePath });
+        cpuid = { honoured: rep.honoured, detail: rep.message };
+        checks.push({ name: 'guest CPUID follows KVM_SET_CPUID2', ok: rep.honoured, required: false, detail: rep.message });
+      } catch (e) {
+        cpuid = { error: (e as Error).message };
+      }
+    }
+  }
+
   // The config in the current directory: which host section would be used here?
   const config: DoctorReport['config'] = { file: null, host: null, reason: null, hasHostPvm: null };
   try {
@@ -208,6 +250,8 @@ export async function runDoctor(opts: DoctorOptions = {}): Promise<DoctorReport>
     modules,
     underHypervisor,
     nestedPvm,
+    ...(nested ? { nested } : {}),
+    ...(cpuid ? { cpuid } : {}),
     config,
     checks,
     suggestions,
