@@ -1,5 +1,5 @@
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync, existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -10,7 +10,7 @@ import snapshotPlugin from '@kvmkit/plugin-snapshot';
 import migratePrecopy, { migrate } from '@kvmkit/plugin-migrate-precopy';
 // @ts-expect-error plain ESM fixture without types
 import { workloadImage, verify, readProgress } from '../../plugins/snapshot/fixtures/workload.mjs';
-import { hasKvm, exitPort } from './helpers.js';
+import { hasKvm, exitPort, spawnJsonChild } from './helpers.js';
 
 const DEST = fileURLToPath(new URL('../../plugins/migrate-precopy/fixtures/dest.mjs', import.meta.url));
 const AREA = 1 << 20;
@@ -19,26 +19,12 @@ const log = silentLogger();
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** Starts the destination process; resolves once it listens, with its address and its final result. */
-function startDest(args: Record<string, unknown>): Promise<{ address: any; result: Promise<any>; proc: ChildProcess }> {
-  return new Promise((resolveStart, rejStart) => {
-    const p = spawn(process.execPath, [DEST, JSON.stringify({ memory: MEM, areaBytes: AREA, ...args })], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let last: any;
-    let buf = '';
-    let err = '';
-    const result = new Promise<any>((res) => p.on('close', (code, signal) => res({ ...last, exitCode: code, signal, stderr: err })));
-    p.stdout!.on('data', (d) => {
-      buf += d;
-      let i;
-      while ((i = buf.indexOf('\n')) >= 0) {
-        last = JSON.parse(buf.slice(0, i));
-        buf = buf.slice(i + 1);
-        if (last.listening !== undefined) resolveStart({ address: last.listening, result, proc: p });
-      }
-    });
-    p.stderr!.on('data', (d) => (err += d));
-    p.on('error', rejStart);
-    void result.then((r) => rejStart(new Error(`destination exited before listening: ${JSON.stringify(r)}`)));
-  });
+async function startDest(args: Record<string, unknown>): Promise<{ address: any; result: Promise<any>; proc: ChildProcess }> {
+  const c = spawnJsonChild(DEST, { memory: MEM, areaBytes: AREA, ...args });
+  const result = c.done.then((d) => ({ ...d.last, exitCode: d.exitCode, signal: d.signal, stderr: d.stderr }));
+  const hello = await c.next((o) => o.listening !== undefined).catch(async () => { throw new Error(`destination exited before listening: ${JSON.stringify(await result)}`); });
+  if (hello.listening === undefined) throw new Error(`destination failed before listening: ${JSON.stringify(hello)}`);
+  return { address: hello.listening, result, proc: c.proc };
 }
 
 async function source(name: string) {

@@ -5,7 +5,6 @@
 // the second diff); the chain is restored in a NEW process on the same image, which must show exactly the
 // completed requests in its used ring, then complete the pending ones and new ones exactly once.
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
-import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync, readFileSync, copyFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -19,7 +18,7 @@ import migratePrecopy, { migrate } from '@kvmkit/plugin-migrate-precopy';
 import type { Plugin } from '@kvmkit/kernel';
 // @ts-expect-error plain ESM fixture without types
 import { MEM_MIB, REQ_BYTES, pattern, submitWrite, driverFor, saveDriver, usedIdx, waitFor } from './fixtures/blk-traffic.mjs';
-import { hasKvm } from './helpers.js';
+import { hasKvm, spawnJsonChild } from './helpers.js';
 
 const CHILD = fileURLToPath(new URL('./fixtures/blk-child.mjs', import.meta.url));
 const DEST = fileURLToPath(new URL('./fixtures/blk-migrate-dest.mjs', import.meta.url));
@@ -29,23 +28,10 @@ const log = silentLogger();
 
 interface Req { i: number; v: number; head: number; status: string }
 
-function runChild(args: Record<string, unknown>): Promise<any> {
-  return new Promise((res, rej) => {
-    const p = spawn(process.execPath, [CHILD, JSON.stringify(args)], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let outText = '';
-    let err = '';
-    p.stdout.on('data', (d) => (outText += d));
-    p.stderr.on('data', (d) => (err += d));
-    p.on('error', rej);
-    p.on('close', (code) => {
-      const lines = outText.trim().split('\n').filter(Boolean);
-      try {
-        res({ ...JSON.parse(lines.at(-1) ?? '{}'), exitCode: code, stderr: err });
-      } catch {
-        res({ error: { message: `bad child output: ${outText}` }, exitCode: code, stderr: err });
-      }
-    });
-  });
+async function runChild(args: Record<string, unknown>): Promise<any> {
+  const d = await spawnJsonChild(CHILD, args).done;
+  const last = d.last && d.last.text === undefined ? d.last : { error: { message: `bad child output: ${JSON.stringify(d.last)}` } };
+  return { ...last, exitCode: d.exitCode, stderr: d.stderr };
 }
 
 /** Saved used idx / last avail of the virtio-blk queue in a snapshot's state file. */
@@ -187,32 +173,8 @@ describe.skipIf(!hasKvm)('virtio-blk mid-traffic across snapshot → restore in 
 
 /** Starts the migration destination; resolves once it listens. `lines` gets every JSON line it prints. */
 function startDest(args: Record<string, unknown>) {
-  const p = spawn(process.execPath, [DEST, JSON.stringify(args)], { stdio: ['pipe', 'pipe', 'pipe'] });
-  const lines: any[] = [];
-  const waiters: Array<() => void> = [];
-  let buf = '';
-  let err = '';
-  p.stdout.on('data', (d) => {
-    buf += d;
-    let i;
-    while ((i = buf.indexOf('\n')) >= 0) {
-      lines.push(JSON.parse(buf.slice(0, i)));
-      buf = buf.slice(i + 1);
-      waiters.splice(0).forEach((w) => w());
-    }
-  });
-  p.stderr.on('data', (d) => (err += d));
-  const closed = new Promise<number | null>((res) => p.on('close', (code) => { res(code); waiters.splice(0).forEach((w) => w()); }));
-  const next = async (pred: (o: any) => boolean, ms = 20_000): Promise<any> => {
-    const t0 = Date.now();
-    for (;;) {
-      const hit = lines.find((o) => pred(o) || o.error);
-      if (hit) return hit;
-      if (p.exitCode !== null || Date.now() - t0 > ms) throw new Error(`destination: no matching line (exit ${p.exitCode}); lines ${JSON.stringify(lines)} stderr ${err}`);
-      await new Promise<void>((r) => { waiters.push(r); setTimeout(r, 100); });
-    }
-  };
-  return { proc: p, next, closed, stderr: () => err };
+  const c = spawnJsonChild(DEST, args, { stdin: true });
+  return { proc: c.proc, next: c.next, closed: c.done.then((d) => d.exitCode), stderr: c.stderr };
 }
 
 describe.skipIf(!hasKvm)('virtio-blk mid-traffic across live migration', () => {

@@ -8,7 +8,6 @@
  * schedulers (run 3, stopped by a 150 s cap), and in two other runs stalled after vgaarb / kvm-clock.
  */
 import { describe, it, expect } from 'vitest';
-import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -20,7 +19,7 @@ import hostPvm from '@kvmkit/plugin-host-pvm';
 import bootLinux from '@kvmkit/plugin-boot-linux';
 import snapshotPlugin, { snapshot } from '@kvmkit/plugin-snapshot';
 import { findGuestKernel } from '@kvmkit/testkit';
-import { hasKvm } from './helpers.js';
+import { hasKvm, spawnJsonChild } from './helpers.js';
 
 const slow = process.env.KVMKIT_SLOW === '1';
 const kernel = findGuestKernel();
@@ -29,14 +28,8 @@ const CHILD = fileURLToPath(new URL('../../plugins/snapshot/fixtures/linux-child
 const why = !slow || process.env.KVMKIT_SLOW_SNAPSHOT_LINUX !== '1' ? 'set KVMKIT_SLOW=1 KVMKIT_SLOW_SNAPSHOT_LINUX=1 (Linux boots stall intermittently on this host, see the file comment)' : !hasKvm ? 'no /dev/kvm' : !kernel?.vmlinux || !kernel.initrd ? 'no guest kernel' : '';
 if (why) console.warn(`[kvmkit e2e] Linux snapshot test skipped: ${why}`);
 
-function child(args: Record<string, unknown>): Promise<any> {
-  return new Promise((res, rej) => {
-    const p = spawn(process.execPath, [CHILD, JSON.stringify(args)], { stdio: ['ignore', 'pipe', 'inherit'] });
-    let buf = '';
-    p.stdout.on('data', (d) => (buf += d));
-    p.on('error', rej);
-    p.on('close', () => res(JSON.parse(buf.trim().split('\n').pop() || '{}')));
-  });
+async function child(args: Record<string, unknown>): Promise<any> {
+  return (await spawnJsonChild(CHILD, args, { inheritStderr: true }).done).last ?? {};
 }
 
 describe.skipIf(!!why)('Linux guest snapshot (KVMKIT_SLOW=1)', () => {

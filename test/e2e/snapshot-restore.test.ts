@@ -1,5 +1,4 @@
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
-import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, readdirSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -9,7 +8,7 @@ import bootFlat from '@kvmkit/plugin-boot-flat';
 import snapshotPlugin, { snapshot, mergeSnapshots, readStateFile } from '@kvmkit/plugin-snapshot';
 // @ts-expect-error plain ESM fixture without types
 import { workloadImage, verify, readProgress } from '../../plugins/snapshot/fixtures/workload.mjs';
-import { hasKvm, exitPort } from './helpers.js';
+import { hasKvm, exitPort, spawnJsonChild } from './helpers.js';
 
 const CHILD = fileURLToPath(new URL('../../plugins/snapshot/fixtures/child.mjs', import.meta.url));
 const AREA = 256 * 1024;
@@ -18,26 +17,9 @@ const log = silentLogger();
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** Runs the fixture child with `args`; resolves with its last JSON line. */
-export function runChild(args: Record<string, unknown>, onLine?: (o: any, kill: () => void) => void): Promise<any> {
-  return new Promise((res, rej) => {
-    const p = spawn(process.execPath, [CHILD, JSON.stringify(args)], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let last: any;
-    let buf = '';
-    let err = '';
-    p.stdout.on('data', (d) => {
-      buf += d;
-      let i;
-      while ((i = buf.indexOf('\n')) >= 0) {
-        const line = buf.slice(0, i);
-        buf = buf.slice(i + 1);
-        last = JSON.parse(line);
-        onLine?.(last, () => p.kill('SIGKILL'));
-      }
-    });
-    p.stderr.on('data', (d) => (err += d));
-    p.on('error', rej);
-    p.on('close', (code, sig) => res({ ...last, exitCode: code, signal: sig, stderr: err }));
-  });
+export async function runChild(args: Record<string, unknown>, onLine?: (o: any, kill: () => void) => void): Promise<any> {
+  const d = await spawnJsonChild(CHILD, args, { onLine }).done;
+  return { ...d.last, exitCode: d.exitCode, signal: d.signal, stderr: d.stderr };
 }
 
 async function workloadMachine(name: string) {
