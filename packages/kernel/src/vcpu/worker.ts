@@ -68,6 +68,11 @@ async function main(): Promise<void> {
   const RUN = KVM.RUN;
   const R = OFF.kvm_run;
   let exits = 0;
+  let pioOff = -1;
+  let pioSize = -1;
+  let pioView = runU8.subarray(0, 0);
+  /** kvm_run.mmio.data views by access length (0..8). */
+  const mmioViews = Array.from({ length: 9 }, (_, n) => runU8.subarray(R.mmio_data, R.mmio_data + n));
 
   /** Hands the current exit to the main thread; returns the action. */
   const toMain = (kind: number, addr: number, size: number, count: number, reason: number): number => {
@@ -141,7 +146,13 @@ async function main(): Promise<void> {
       const range = init.pio[ri - 1]!;
       const h = range.handler >= 0 ? handlers[range.handler] : undefined;
       if (h !== undefined && count === 1) {
-        const data = runU8.subarray(off, off + size);
+        // The data offset is fixed per vCPU in practice: reuse the view instead of allocating one per exit.
+        if (off !== pioOff || size !== pioSize) {
+          pioOff = off;
+          pioSize = size;
+          pioView = runU8.subarray(off, off + size);
+        }
+        const data = pioView;
         const ok = dirOut ? h.write?.(port - range.base, data) : h.read?.(port - range.base, data);
         if (ok !== false && (dirOut ? h.write : h.read) !== undefined) continue;
       }
@@ -163,7 +174,7 @@ async function main(): Promise<void> {
       }
       const h = range.handler >= 0 ? handlers[range.handler] : undefined;
       if (h !== undefined) {
-        const data = runU8.subarray(R.mmio_data, R.mmio_data + len);
+        const data = mmioViews[len]!;
         const ok = isWrite ? h.write?.(addr - range.base, data) : h.read?.(addr - range.base, data);
         if (ok !== false && (isWrite ? h.write : h.read) !== undefined) continue;
       }
