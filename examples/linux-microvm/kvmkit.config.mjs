@@ -25,6 +25,23 @@ export default {
         },
       ],
     },
+    // The kernel with an ext4 root disk (virtio-blk) and a NIC (virtio-net on TAP `kvmkit0`, 10.77.0.2/24):
+    //   examples/linux-microvm/make-rootfs.sh   (builds ./build/rootfs.ext4 from the spin initramfs)
+    // No initramfs: the kernel mounts /dev/vda read-write and runs /init from it. See README.md for the host side.
+    'linux-net': {
+      description: 'Linux 6.1 with an ext4 root on virtio-blk and virtio-net on a TAP',
+      memory: 256,
+      cpus: 1,
+      cmdline: 'panic=-1 root=/dev/vda rw rootfstype=ext4 init=/init ip=10.77.0.2::10.77.0.1:255.255.255.0::eth0:off',
+      plugins: [
+        '@kvmkit/plugin-platform-pc',
+        { name: '@kvmkit/plugin-serial', options: { console: true } },
+        { name: '@kvmkit/plugin-virtio-blk', options: { path: './build/rootfs.ext4' } },
+        { name: '@kvmkit/plugin-virtio-net', options: { tap: 'kvmkit0', mac: '52:54:00:4b:56:02' } },
+        '@kvmkit/plugin-virtio-rng',
+        { name: '@kvmkit/plugin-boot-linux', options: { kernel: `${dir}/vmlinux` } },
+      ],
+    },
     // The same kernel as a bzImage (64-bit boot protocol). Its XZ decompressor runs in guest ring 0,
     // which the nested PVM host emulates: expect a much longer boot there.
     'linux-bzimage': {

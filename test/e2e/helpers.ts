@@ -26,8 +26,10 @@ export interface JsonChild {
  * Runs a fixture script (`node script '<json args>'`) that reports on stdout one JSON object per line — the way
  * the snapshot, migration and device children talk to their tests.
  */
-export function spawnJsonChild(script: string, args: unknown, opts: { stdin?: boolean; inheritStderr?: boolean; onLine?: (o: any, kill: () => void) => void } = {}): JsonChild {
-  const p = spawn(process.execPath, [script, JSON.stringify(args)], { stdio: [opts.stdin ? 'pipe' : 'ignore', 'pipe', opts.inheritStderr ? 'inherit' : 'pipe'] });
+/** `opts.wrap` runs the child under a command, e.g. `['ip', 'netns', 'exec', ns]`. */
+export function spawnJsonChild(script: string, args: unknown, opts: { stdin?: boolean; inheritStderr?: boolean; wrap?: string[]; onLine?: (o: any, kill: () => void) => void } = {}): JsonChild {
+  const argv = [...(opts.wrap ?? []), process.execPath, script, JSON.stringify(args)];
+  const p = spawn(argv[0]!, argv.slice(1), { stdio: [opts.stdin ? 'pipe' : 'ignore', 'pipe', opts.inheritStderr ? 'inherit' : 'pipe'] });
   const lines: any[] = [];
   const waiters: Array<() => void> = [];
   let buf = '';
