@@ -37,5 +37,35 @@ __attribute__((noreturn)) void user_abort(u64 value);
 void trap(struct frame *f);
 void probe_main(void);
 void ap_main(void);
+
+/* probe.c: helpers shared by the test modules (virtio.c, blk.c, net.c, rng.c). All of them work in
+ * ring 3 too (port I/O is allowed by the TSS bitmap, every page is U/S). */
+static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" :: "a"(v), "Nd"(port)); }
+static inline u8 inb(u16 port) { u8 v; __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline u64 rdtsc(void) { u32 lo, hi; __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi)); return ((u64)hi << 32) | lo; }
+#define barrier() __asm__ volatile("" ::: "memory")
+#define mb() __asm__ volatile("mfence" ::: "memory")
+#define USER_FAULTED (~0ull)
+
+void *memcpy(void *d, const void *s, unsigned long n);
+void *memset(void *d, int c, unsigned long n);
+void puts(const char *s);
+void putu(u64 v);
+void putx(u64 v);
+void kv(const char *k, u64 v);                 /* " k=<decimal>" */
+void kvx(const char *k, u64 v);                /* " k=0x<hex>" */
+__attribute__((noreturn)) void finish(u32 status);   /* "PROBE DONE status=N", out 0xf4 (ring 0 or 3) */
+extern char cmdline[1024];
+const char *param(const char *name, char *out, unsigned outlen);   /* value of probe.<name>=, or 0 */
+u64 param_u64(const char *name, u64 dflt);
+int streq(const char *a, const char *b);
+u64 parse_num(const char *s, const char **end, int *ok);          /* decimal or 0x-hex */
+extern u64 tsc_khz;                            /* 0 when unknown */
+static inline u64 tsc_per_ms(void) { return tsc_khz ? tsc_khz : 3000000; }
+u64 in_user(u64 (*fn)(u64), u64 arg);          /* fn(arg) in ring 3; USER_FAULTED if it faulted */
+extern volatile u64 user_fault_vector;
+
+/* Tests in their own files. */
+void test_blk(void);     /* blk.c */
 #endif
 #endif
