@@ -89,6 +89,47 @@ describe('virtio-mmio transport', () => {
     expect(new TextDecoder().decode(drv.mem.read(r.addrs[1]!, 2))).toBe('ab');
   });
 
+  it('vCPU-thread handler: answers InterruptStatus/InterruptACK from the shared word, passes every other access on', async () => {
+    const { drv, t } = setup();
+    drv.init({ want: bit(VIRTIO_F.VERSION_1) });
+    const spec = t.workerHandler();
+    expect(spec.shared).toBeInstanceOf(SharedArrayBuffer);
+    // the module the vCPU worker imports (built dist), called as the worker would
+    const mod = (await import(spec.module)) as { default: (shared: unknown, ctx: unknown) => { read(o: number, d: Uint8Array): boolean; write(o: number, d: Uint8Array): boolean } };
+    const h = mod.default(structuredClone(spec.shared), { vcpu: 0, kind: 'mmio', base: 0 });
+    const r32 = (off: number) => {
+      const d = new Uint8Array(4);
+      return { handled: h.read(off, d), v: new DataView(d.buffer).getUint32(0, true) };
+    };
+    const w32 = (off: number, v: number) => {
+      const d = new Uint8Array(4);
+      new DataView(d.buffer).setUint32(0, v, true);
+      return h.write(off, d);
+    };
+    expect(r32(MMIO.INTERRUPT_STATUS)).toEqual({ handled: true, v: 0 });
+    drv.add(0, [{ len: 2, data: enc('ab') }, { len: 2, write: true }]);
+    drv.kick(0); // main thread raises the used-buffer interrupt
+    expect(r32(MMIO.INTERRUPT_STATUS)).toEqual({ handled: true, v: VIRTIO_MMIO_INT.VRING });
+    t.configChanged();
+    expect(r32(MMIO.INTERRUPT_STATUS).v).toBe(VIRTIO_MMIO_INT.VRING | VIRTIO_MMIO_INT.CONFIG);
+    expect(w32(MMIO.INTERRUPT_ACK, VIRTIO_MMIO_INT.VRING)).toBe(true);
+    expect(t.interruptStatus).toBe(VIRTIO_MMIO_INT.CONFIG); // the main thread sees the worker's ack
+    expect(drv.interruptStatus()).toBe(VIRTIO_MMIO_INT.CONFIG);
+    drv.ack(VIRTIO_MMIO_INT.CONFIG); // and the worker sees the main thread's
+    expect(r32(MMIO.INTERRUPT_STATUS).v).toBe(0);
+    // everything else goes to the main thread: other registers, other widths
+    expect(r32(MMIO.STATUS).handled).toBe(false);
+    expect(r32(MMIO.MAGIC_VALUE).handled).toBe(false);
+    expect(h.read(MMIO.INTERRUPT_STATUS, new Uint8Array(2))).toBe(false);
+    expect(w32(MMIO.QUEUE_NOTIFY, 0)).toBe(false);
+    expect(w32(MMIO.STATUS, 0)).toBe(false);
+    expect(h.write(MMIO.INTERRUPT_ACK, new Uint8Array(1))).toBe(false);
+    // a restore writes the shared word too
+    const saved = t.saveState();
+    t.restoreState({ ...saved, interruptStatus: 3 });
+    expect(r32(MMIO.INTERRUPT_STATUS).v).toBe(3);
+  });
+
   it('rejects indirect descriptors when INDIRECT_DESC was not negotiated (DEVICE_NEEDS_RESET + config irq)', () => {
     const { drv, t, irqs } = setup();
     drv.init({ want: bit(VIRTIO_F.VERSION_1) });

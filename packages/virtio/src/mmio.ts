@@ -1,9 +1,15 @@
-import { EventFd, KvmkitError, isKvmkitError, silentLogger, watchFd, type BusDevice, type FdWatch, type GuestMemory, type Logger } from '@kvmkit/kernel';
+import { EventFd, KvmkitError, isKvmkitError, silentLogger, watchFd, type BusDevice, type FdWatch, type GuestMemory, type Logger, type WorkerHandlerSpec } from '@kvmkit/kernel';
 import { KVMKIT_VENDOR_ID, MMIO, VIRTIO_F, VIRTIO_MMIO_INT, VIRTIO_MMIO_MAGIC, VIRTIO_MMIO_VERSION, VIRTIO_STATUS, bit } from './constants.js';
 import type { VirtioDevice, VirtioDeviceContext } from './device.js';
 import { Virtqueue, type VirtqueueState } from './queue.js';
 
 const S = VIRTIO_STATUS;
+
+/** URL of the compiled vCPU-thread handler (dist/mmio-worker.js, also when this module runs from src under vitest). */
+function workerModuleUrl(): string {
+  const here = import.meta.url;
+  return here.endsWith('.ts') ? new URL('../dist/mmio-worker.js', here).href : new URL('./mmio-worker.js', here).href;
+}
 
 /** The parts of a kernel `Vm` the transport uses (structural, so tests can fake it). */
 export interface VirtioVm {
@@ -46,12 +52,17 @@ export class VirtioMmioTransport implements BusDevice {
   driverFeaturesSel = 0;
   driverFeatures = 0n;
   queueSel = 0;
-  interruptStatus = 0;
   configGeneration = 0;
   /** Times the device entered DEVICE_NEEDS_RESET (for tests/metrics). */
   needsResetCount = 0;
   lastError: unknown;
 
+  /**
+   * InterruptStatus, shared with the vCPU threads: `workerHandler()` lets them answer InterruptStatus reads
+   * and InterruptACK writes without the hop to the main thread. Updated with Atomics on both sides.
+   */
+  private readonly isrShared = new SharedArrayBuffer(4);
+  private readonly isr = new Int32Array(this.isrShared);
   private raiseIrq: (() => void) | undefined;
   private irqEventFd: EventFd | undefined;
   private kvm: { vm: VirtioVm; base: bigint; notifyFds: EventFd[]; watches: FdWatch[]; irqGsi: number | undefined } | undefined;
@@ -96,6 +107,23 @@ export class VirtioMmioTransport implements BusDevice {
   /** How notifications and interrupts are wired: ioeventfds registered, irqfd in use. */
   get wiring(): { ioeventfds: number; irqfd: boolean } {
     return { ioeventfds: this.kvm?.notifyFds.length ?? 0, irqfd: this.irqEventFd !== undefined };
+  }
+
+  /** InterruptStatus (bit 0 used buffer, bit 1 configuration change). */
+  get interruptStatus(): number {
+    return Atomics.load(this.isr, 0) >>> 0;
+  }
+
+  set interruptStatus(v: number) {
+    Atomics.store(this.isr, 0, v | 0);
+  }
+
+  /**
+   * The vCPU-thread handler for this transport's window: InterruptStatus reads and InterruptACK writes are
+   * answered on the vCPU thread (see mmio-worker.ts); everything else goes to the main thread as usual.
+   */
+  workerHandler(): WorkerHandlerSpec {
+    return { module: workerModuleUrl(), shared: this.isrShared };
   }
 
   get isPaused(): boolean {
@@ -187,7 +215,7 @@ export class VirtioMmioTransport implements BusDevice {
   // ---- interrupts ----
 
   private interrupt(bits: number): void {
-    this.interruptStatus |= bits;
+    Atomics.or(this.isr, 0, bits);
     try {
       if (this.irqEventFd) this.irqEventFd.signal(1);
       else this.raiseIrq?.();
@@ -456,7 +484,7 @@ export class VirtioMmioTransport implements BusDevice {
         this.notify(v);
         return;
       case MMIO.INTERRUPT_ACK:
-        this.interruptStatus &= ~v;
+        Atomics.and(this.isr, 0, ~v);
         return;
       case MMIO.STATUS:
         this.writeStatus(v);

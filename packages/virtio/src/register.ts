@@ -1,4 +1,4 @@
-import { KvmkitError, type BusEntry, type GuestMemory, type Logger, type MachineApi, type StateReader, type StateWriter } from '@kvmkit/kernel';
+import { KvmkitError, type BusEntry, type GuestMemory, type Logger, type MachineApi, type StateReader, type StateWriter, type WorkerHandlerSpec } from '@kvmkit/kernel';
 import type { VirtioDevice } from './device.js';
 import { VirtioMmioTransport, type VirtioMmioState, type VirtioVm } from './mmio.js';
 
@@ -8,7 +8,13 @@ export interface VirtioRegistry {
   readonly vm: VirtioVm;
   allocateMmio(size: number, name: string, align?: number): bigint;
   allocateIrq(name: string, want?: number): number;
-  addMmio(base: bigint | number, size: number, device: { read(o: number, d: Uint8Array): void; write(o: number, d: Uint8Array): void }, name: string): BusEntry | unknown;
+  addMmio(
+    base: bigint | number,
+    size: number,
+    device: { read(o: number, d: Uint8Array): void; write(o: number, d: Uint8Array): void },
+    name: string,
+    worker?: WorkerHandlerSpec,
+  ): BusEntry | unknown;
   addCmdline(part: string): void;
   pulseIrq(gsi: number): void;
 }
@@ -33,7 +39,8 @@ export function registerVirtioMmio(reg: VirtioRegistry, device: VirtioDevice, op
   const base = reg.allocateMmio(VIRTIO_MMIO_SIZE, opts.name);
   const irq = reg.allocateIrq(opts.name, opts.irq);
   const transport = new VirtioMmioTransport(device, { memory: reg.memory, ...(opts.log ? { log: opts.log } : {}) });
-  reg.addMmio(base, VIRTIO_MMIO_SIZE, transport, opts.name);
+  // InterruptStatus/InterruptACK are answered on the vCPU thread (no main-thread hop per interrupt).
+  reg.addMmio(base, VIRTIO_MMIO_SIZE, transport, opts.name, transport.workerHandler());
   transport.attachKvm(reg.vm, base, irq, () => reg.pulseIrq(irq));
   const cmdline = `virtio_mmio.device=4K@0x${base.toString(16)}:${irq}`;
   reg.addCmdline(cmdline);

@@ -57,6 +57,12 @@ export interface BlkDeviceOptions {
   segMax: number;
   /** Most sectors per DISCARD / WRITE_ZEROES segment. */
   maxDiscardSectors: number;
+  /**
+   * Serve reads, writes and flushes synchronously on the main thread instead of on libuv's threadpool.
+   * `undefined` (auto): only for images on a memory-backed filesystem (tmpfs, ramfs) opened without
+   * O_DIRECT, where a read or write is a memory copy that cannot wait on a disk.
+   */
+  syncIo?: boolean | undefined;
   log: Logger;
 }
 
@@ -103,6 +109,8 @@ export class VirtioBlk extends VirtioDevice {
   readonly stats: BlkStats = { reads: 0, writes: 0, flushes: 0, discards: 0, writeZeroes: 0, getIds: 0, errors: 0, unsupported: 0, bytesRead: 0, bytesWritten: 0, directFallbacks: 0 };
   /** Whether the file really was opened with O_DIRECT. */
   direct = false;
+  /** Whether reads/writes/flushes run synchronously on the main thread (see BlkDeviceOptions.syncIo). */
+  syncIo = false;
   private fh: fs.promises.FileHandle | undefined;
   private buffered: Promise<fs.promises.FileHandle> | undefined;
   private readonly inflight = new Set<Promise<void>>();
@@ -176,33 +184,113 @@ export class VirtioBlk extends VirtioDevice {
     const dev = new VirtioBlk(opts, st.size, name);
     dev.fh = fh;
     dev.direct = direct;
+    dev.syncIo = opts.syncIo ?? (!direct && isMemoryBacked(opts.path));
     return dev;
   }
 
   processQueue(q: number): void {
     const vq = this.ctx.queue(q);
-    for (let c = vq.pop(); c; c = vq.pop()) {
-      if (c.writableLength < 1) {
-        // No room for a status byte: nothing can be reported; complete with 0 bytes so the ring moves on.
-        this.opts.log.warn({ head: c.head }, 'virtio-blk request without a status byte');
-        vq.pushUsed(c, 0);
-        this.ctx.signalUsed(q);
-        continue;
+    // Completions done synchronously in this batch are signalled once at the end (one interrupt decision for
+    // the batch; with EVENT_IDX the driver's used_event still decides).
+    let completed = 0;
+    try {
+      for (let c = vq.pop(); c; c = vq.pop()) {
+        if (c.writableLength < 1) {
+          // No room for a status byte: nothing can be reported; complete with 0 bytes so the ring moves on.
+          this.opts.log.warn({ head: c.head }, 'virtio-blk request without a status byte');
+          vq.pushUsed(c, 0);
+          completed++;
+          continue;
+        }
+        if (this.syncIo) {
+          const r = this.handleSync(c);
+          if (r) {
+            this.complete(c, r.status, r.len, false);
+            completed++;
+            continue;
+          }
+        }
+        const p = this.handle(c).then(
+          (r) => this.complete(c, r.status, r.len, true),
+          (e) => {
+            this.opts.log.error({ err: e }, 'virtio-blk request failed');
+            this.complete(c, VIRTIO_BLK_S.IOERR, 0, true);
+          },
+        );
+        this.inflight.add(p);
+        void p.finally(() => this.inflight.delete(p));
       }
-      const p = this.handle(c).then(
-        (r) => this.complete(c, r.status, r.len),
-        (e) => {
-          this.opts.log.error({ err: e }, 'virtio-blk request failed');
-          this.complete(c, VIRTIO_BLK_S.IOERR, 0);
-        },
-      );
-      this.inflight.add(p);
-      void p.finally(() => this.inflight.delete(p));
+    } finally {
+      // Also when a malformed chain throws (the transport then sets DEVICE_NEEDS_RESET): what completed is signalled.
+      if (completed > 0) this.ctx.signalUsed(q);
     }
   }
 
-  /** Writes the status byte (last writable byte), pushes the used element, signals. */
-  private complete(c: DescriptorChain, status: number, dataLen: number): void {
+  /**
+   * The synchronous path (syncIo): IN, OUT and FLUSH straight between guest memory and the file (no bounce
+   * buffer); returns undefined for the other request types, which take the asynchronous path.
+   */
+  private handleSync(c: DescriptorChain): { status: number; len: number } | undefined {
+    const mem = this.ctx.memory;
+    const fh = this.fh;
+    const S = VIRTIO_BLK_S;
+    if (c.readableLength < 16 || !fh) return { status: S.IOERR, len: 0 };
+    const hdr = c.read(mem, 0, 16);
+    const hv = new DataView(hdr.buffer, hdr.byteOffset, 16);
+    const type = hv.getUint32(0, true);
+    const sector = hv.getBigUint64(8, true);
+    const fd = fh.fd;
+    try {
+      switch (type) {
+        case VIRTIO_BLK_T.IN: {
+          const inLen = c.writableLength - 1;
+          if (!this.checkSegments(c, true) || inLen % SECTOR !== 0 || !this.inRange(sector, inLen)) return { status: S.IOERR, len: 0 };
+          let pos = Number(sector) * SECTOR;
+          let left = inLen;
+          for (const b of c.writable) {
+            if (left <= 0) break;
+            const n = Math.min(b.len, left);
+            readFullSync(fd, mem.range(b.addr, n), pos);
+            pos += n;
+            left -= n;
+          }
+          this.stats.reads++;
+          this.stats.bytesRead += inLen;
+          return { status: S.OK, len: inLen };
+        }
+        case VIRTIO_BLK_T.OUT: {
+          if (this.opts.readOnly) return { status: S.IOERR, len: 0 };
+          const outLen = c.readableLength - 16;
+          if (!this.checkSegments(c, false) || outLen % SECTOR !== 0 || !this.inRange(sector, outLen)) return { status: S.IOERR, len: 0 };
+          let pos = Number(sector) * SECTOR;
+          let skip = 16;
+          for (const b of c.readable) {
+            const k = Math.min(skip, b.len);
+            skip -= k;
+            const n = b.len - k;
+            if (n === 0) continue;
+            writeFullSync(fd, mem.view(b.addr + BigInt(k), n), pos);
+            pos += n;
+          }
+          this.stats.writes++;
+          this.stats.bytesWritten += outLen;
+          return { status: S.OK, len: 0 };
+        }
+        case VIRTIO_BLK_T.FLUSH:
+          fs.fdatasyncSync(fd);
+          this.stats.flushes++;
+          return { status: S.OK, len: 0 };
+        default:
+          return undefined;
+      }
+    } catch (e) {
+      this.opts.log.error({ err: e }, 'virtio-blk request failed');
+      return { status: S.IOERR, len: 0 };
+    }
+  }
+
+  /** Writes the status byte (last writable byte), pushes the used element, signals (unless `signal` is false). */
+  private complete(c: DescriptorChain, status: number, dataLen: number, signal: boolean): void {
     if (this.closed || !c.valid || c.writableLength < 1) return;
     const mem = this.ctx.memory;
     if (mem.isClosed) return;
@@ -210,7 +298,7 @@ export class VirtioBlk extends VirtioDevice {
       c.write(mem, Uint8Array.of(status), c.writableLength - 1);
       const vq = c.queue;
       vq.pushUsed(c, dataLen + 1);
-      this.ctx.signalUsed(vq.index);
+      if (signal) this.ctx.signalUsed(vq.index);
     } catch (e) {
       this.ctx.needsReset('virtio-blk completion failed', e);
     }
@@ -398,6 +486,37 @@ async function writeAll(fh: fs.promises.FileHandle, buf: Uint8Array, pos: number
     const { bytesWritten } = await fh.write(buf, done, buf.length - done, pos + done);
     if (bytesWritten <= 0) throw new KvmkitError('KVMKIT_ERR_VIRTIO_BLK_IO', 'short write');
     done += bytesWritten;
+  }
+}
+
+function readFullSync(fd: number, dst: Uint8Array, pos: number): void {
+  let done = 0;
+  while (done < dst.length) {
+    const n = fs.readSync(fd, dst, done, dst.length - done, pos + done);
+    if (n === 0) break;
+    done += n;
+  }
+  if (done < dst.length) dst.fill(0, done); // past the end of a file that shrank: zeros
+}
+
+function writeFullSync(fd: number, src: Uint8Array, pos: number): void {
+  let done = 0;
+  while (done < src.length) {
+    const n = fs.writeSync(fd, src, done, src.length - done, pos + done);
+    if (n <= 0) throw new KvmkitError('KVMKIT_ERR_VIRTIO_BLK_IO', 'short write');
+    done += n;
+  }
+}
+
+/** statfs f_type of memory-backed filesystems, where file I/O is a memory copy. */
+const MEMORY_FS = new Set([0x01021994 /* TMPFS_MAGIC */, 0x858458f6 /* RAMFS_MAGIC */]);
+
+/** Whether `path` lies on tmpfs or ramfs (false when statfs fails). */
+export function isMemoryBacked(path: string): boolean {
+  try {
+    return MEMORY_FS.has(Number(fs.statfsSync(path).type));
+  } catch {
+    return false;
   }
 }
 

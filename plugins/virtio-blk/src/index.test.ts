@@ -4,7 +4,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { DeviceRegistry, GuestMemory, MmioBus, PioBus, PluginHost, StateReader, StateWriter, createHooks, defaultMemoryLayout, silentLogger, tapOnly, type MachineApi, type Vm, type Logger } from '@kvmkit/kernel';
 import { VirtioMmioTransport, VirtioTestDriver, VIRTIO_STATUS as S, MMIO, bit } from '@kvmkit/virtio';
-import virtioBlk, { VirtioBlk, VIRTIO_BLK_T as T, VIRTIO_BLK_S as ST, VIRTIO_BLK_F, BLK_CFG, validateBlkOptions, type VirtioBlkApi } from './index.js';
+import virtioBlk, { VirtioBlk, VIRTIO_BLK_T as T, VIRTIO_BLK_S as ST, VIRTIO_BLK_F, BLK_CFG, validateBlkOptions, isMemoryBacked, type VirtioBlkApi } from './index.js';
 
 let dir: string;
 const MiB = 1 << 20;
@@ -25,9 +25,9 @@ function capturingLog(): { log: Logger; warnings: string[] } {
   return { log: l, warnings };
 }
 
-async function dev(p: string, o: { readOnly?: boolean; direct?: boolean; serial?: string; sizeMax?: number; segMax?: number; log?: Logger } = {}) {
+async function dev(p: string, o: { readOnly?: boolean; direct?: boolean; serial?: string; sizeMax?: number; segMax?: number; syncIo?: boolean; log?: Logger } = {}) {
   const log = o.log ?? silentLogger();
-  const d = await VirtioBlk.open({ path: p, readOnly: o.readOnly ?? false, direct: o.direct ?? false, serial: o.serial ?? 'disk0', queueSize: 64, sizeMax: o.sizeMax ?? MiB, segMax: o.segMax ?? 62, maxDiscardSectors: 1 << 22, log });
+  const d = await VirtioBlk.open({ path: p, readOnly: o.readOnly ?? false, direct: o.direct ?? false, serial: o.serial ?? 'disk0', queueSize: 64, sizeMax: o.sizeMax ?? MiB, segMax: o.segMax ?? 62, maxDiscardSectors: 1 << 22, syncIo: o.syncIo, log });
   const mem = GuestMemory.anonymous(16 * MiB);
   let irqs = 0;
   const t = new VirtioMmioTransport(d, { memory: mem, raiseIrq: () => irqs++ });
@@ -208,6 +208,82 @@ describe('virtio-blk device', () => {
     expect(ro.mem.readU8(fl.status)).toBe(ST.OK);
     expect(fs.readFileSync(p)[0]).toBe(0xee);
     await ro.t.close();
+  });
+
+  it('syncIo: IN/OUT/FLUSH complete during the notification, one interrupt decision per batch; errors and other types unchanged', async () => {
+    const p = image('sync.img', MiB);
+    const { drv, mem, t, d, irqs } = await dev(p, { syncIo: true, serial: 'sync-disk' });
+    expect(d.syncIo).toBe(true);
+    const r = submit(drv, T.IN, 3, { inLen: 1536, inSegs: 3 });
+    const payload = Buffer.alloc(1024);
+    for (let i = 0; i < payload.length; i++) payload[i] = (i * 7) & 0xff;
+    // OUT payload split over two readable descriptors, the first one also holding the header
+    const hdrAndData = Buffer.concat([Buffer.from(hdr(T.OUT, 9)), payload.subarray(0, 100)]);
+    const w = drv.add(0, [{ len: hdrAndData.length, data: hdrAndData }, { len: 924, data: payload.subarray(100) }, { len: 1, write: true, data: Uint8Array.of(0xff) }]);
+    const f = submit(drv, T.FLUSH, 0);
+    const bad = submit(drv, T.IN, 2047, { inLen: 1024 }); // past the end
+    const odd = submit(drv, T.OUT, 0, { out: new Uint8Array(700) }); // not a multiple of 512
+    const id = submit(drv, T.GET_ID, 0, { inLen: 20 }); // asynchronous path
+    const before = irqs();
+    drv.kick(0);
+    // synchronous: everything but GET_ID is on the used ring before any await
+    expect(drv.takeUsed(0)).toEqual([
+      { id: r.head, len: 1537 },
+      { id: w.head, len: 1 },
+      { id: f.head, len: 1 },
+      { id: bad.head, len: 1 },
+      { id: odd.head, len: 1 },
+    ]);
+    expect(irqs() - before).toBe(1);
+    expect([r, f, bad, odd].map((x) => mem.readU8(x.status))).toEqual([ST.OK, ST.OK, ST.IOERR, ST.IOERR]);
+    expect(mem.readU8(w.addrs[2]!)).toBe(ST.OK);
+    expect([0, 1, 2].map((i) => mem.readU32(r.data[i]!))).toEqual([3, 4, 5]);
+    expect(fs.readFileSync(p).subarray(9 * 512, 11 * 512).equals(payload)).toBe(true);
+    await t.quiesce();
+    expect(drv.takeUsed(0)).toEqual([{ id: id.head, len: 21 }]);
+    expect(d.stats).toMatchObject({ reads: 1, writes: 1, flushes: 1, getIds: 1, errors: 2 });
+    await t.close();
+    // read-only: the synchronous path refuses writes too
+    const ro = await dev(p, { syncIo: true, readOnly: true });
+    const rw = submit(ro.drv, T.OUT, 0, { out: new Uint8Array(512) });
+    ro.drv.kick(0);
+    expect(ro.mem.readU8(rw.status)).toBe(ST.IOERR);
+    expect(fs.readFileSync(p)[0]).toBe(0);
+    await ro.t.close();
+  });
+
+  it('syncIo defaults: on for tmpfs images, off on other filesystems and with O_DIRECT; false forces the threadpool', async () => {
+    const onDisk = image('auto.img', MiB);
+    const a = await dev(onDisk);
+    expect(isMemoryBacked(onDisk)).toBe(false); // os.tmpdir() is not tmpfs on the CI hosts
+    expect(a.d.syncIo).toBe(false);
+    await a.t.close();
+    const shm = '/dev/shm';
+    if (!fs.existsSync(shm) || !isMemoryBacked(shm)) {
+      console.warn('[virtio-blk test] /dev/shm is not tmpfs here: auto syncIo on tmpfs not checked');
+      return;
+    }
+    const tdir = fs.mkdtempSync(path.join(shm, 'kvmkit-blk-'));
+    try {
+      const p = path.join(tdir, 'shm.img');
+      fs.writeFileSync(p, Buffer.alloc(MiB));
+      const b = await dev(p);
+      expect(b.d.syncIo).toBe(true);
+      const r = submit(b.drv, T.IN, 0, { inLen: 4096 });
+      b.drv.kick(0);
+      expect(b.drv.takeUsed(0)).toEqual([{ id: r.head, len: 4097 }]);
+      await b.t.close();
+      const c = await dev(p, { syncIo: false });
+      expect(c.d.syncIo).toBe(false);
+      const r2 = submit(c.drv, T.IN, 0, { inLen: 4096 });
+      c.drv.kick(0);
+      expect(c.drv.takeUsed(0)).toEqual([]);
+      await c.t.quiesce();
+      expect(c.drv.takeUsed(0)).toEqual([{ id: r2.head, len: 4097 }]);
+      await c.t.close();
+    } finally {
+      fs.rmSync(tdir, { recursive: true, force: true });
+    }
   });
 
   it('completes requests in the order their I/O finishes (a fast GET_ID overtakes a big read)', async () => {

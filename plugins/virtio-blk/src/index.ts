@@ -4,7 +4,7 @@ import { KvmkitError, checkOptions, type Plugin } from '@kvmkit/kernel';
 import { useVirtioMmio, type VirtioMmioRegistration } from '@kvmkit/virtio';
 import { VirtioBlk, statImage } from './blk.js';
 
-export { VirtioBlk, VIRTIO_BLK_F, VIRTIO_BLK_T, VIRTIO_BLK_S, BLK_CFG, BLK_CONFIG_SIZE, BLK_STATE_VERSION, SECTOR, VIRTIO_BLK_ID_BYTES, alignedBuffer, statImage } from './blk.js';
+export { VirtioBlk, VIRTIO_BLK_F, VIRTIO_BLK_T, VIRTIO_BLK_S, BLK_CFG, BLK_CONFIG_SIZE, BLK_STATE_VERSION, SECTOR, VIRTIO_BLK_ID_BYTES, alignedBuffer, statImage, isMemoryBacked } from './blk.js';
 export type { BlkDeviceOptions, BlkStats } from './blk.js';
 
 const VERSION = '0.1.0';
@@ -19,6 +19,12 @@ export interface VirtioBlkOptions {
   readOnly?: boolean;
   /** Open with O_DIRECT (bypass the host page cache); falls back with a warning where unsupported (tmpfs). */
   direct?: boolean;
+  /**
+   * Serve reads, writes and flushes synchronously on the main thread (a memory copy, no threadpool round
+   * trip). Default: only when the image is on tmpfs/ramfs and not opened with O_DIRECT; `false` always uses
+   * the threadpool; `true` forces it (only sensible where the image is known to stay in the page cache).
+   */
+  syncIo?: boolean;
   /** GET_ID answer (up to 20 bytes; default: id, else the file name). */
   serial?: string;
   /** IRQ line (default: next free). */
@@ -46,12 +52,13 @@ function bad(key: string, msg: string): KvmkitError {
 }
 
 /** Validates options and the image (exists, readable — writable unless readOnly —, size multiple of 512). */
-export function validateBlkOptions(o: unknown): Required<Omit<VirtioBlkOptions, 'id' | 'irq'>> & Pick<VirtioBlkOptions, 'id' | 'irq'> {
+export function validateBlkOptions(o: unknown): Required<Omit<VirtioBlkOptions, 'id' | 'irq' | 'syncIo'>> & Pick<VirtioBlkOptions, 'id' | 'irq' | 'syncIo'> {
   const opts = checkOptions('virtio-blk', o, {
     path: { type: 'string', required: true },
     id: { type: 'string' },
     readOnly: { type: 'boolean' },
     direct: { type: 'boolean' },
+    syncIo: { type: 'boolean' },
     serial: { type: 'string' },
     irq: { type: 'integer' },
     queueSize: { type: 'integer' },
@@ -78,6 +85,7 @@ export function validateBlkOptions(o: unknown): Required<Omit<VirtioBlkOptions, 
     path: opts.path,
     ...(opts.id !== undefined ? { id: opts.id } : {}),
     ...(opts.irq !== undefined ? { irq: opts.irq } : {}),
+    ...(opts.syncIo !== undefined ? { syncIo: opts.syncIo } : {}),
     readOnly: opts.readOnly ?? false,
     direct: opts.direct ?? false,
     serial: opts.serial ?? opts.id ?? path.basename(opts.path),
@@ -108,7 +116,7 @@ export default function virtioBlk(options: VirtioBlkOptions): Plugin {
         name,
         async () => {
           device = await VirtioBlk.open({ ...o, maxDiscardSectors: 1 << 22, log: ctx.log }, name);
-          ctx.log.debug({ path: o.path, sectors: String(device.capacity), readOnly: o.readOnly, direct: device.direct }, 'virtio-blk ready');
+          ctx.log.debug({ path: o.path, sectors: String(device.capacity), readOnly: o.readOnly, direct: device.direct, syncIo: device.syncIo }, 'virtio-blk ready');
           return device;
         },
         { ...(o.irq !== undefined ? { irq: o.irq } : {}), log: ctx.log },
