@@ -101,7 +101,10 @@ export default function virtioNet(options: VirtioNetOptions = {}): Plugin {
         get tap() {
           return device?.tap.name;
         },
-        mac,
+        /** The device's MAC: after a restore, the saved one. */
+        get mac() {
+          return device?.mac ?? mac;
+        },
         setLink: (up) => device?.setLink(up),
         registration: reg,
       };

@@ -22,7 +22,8 @@ export const VIRTIO_NET_F = {
 
 export const VIRTIO_NET_S_LINK_UP = 1;
 export const VIRTIO_NET_HDR_F_NEEDS_CSUM = 1;
-export const NET_STATE_VERSION = 1;
+/** v2 adds `held` (a frame read from the TAP, not yet in a guest buffer); v1 sections still restore. */
+export const NET_STATE_VERSION = 2;
 /** Largest frame handled: 64 KiB GSO frame + Ethernet/VLAN header. */
 export const MAX_FRAME = 65536 + 14 + 4;
 export const RXQ = 0;
@@ -51,6 +52,9 @@ export interface VirtioNetDeviceOptions {
  * TX: each chain (header + frame) is one write(2) to the TAP. RX: the TAP fd is watched on the main thread
  * (fdwatch); frames go into posted RX chains; while the guest has no RX buffers the watch is suspended and at
  * most one frame is held back, and the guest's next RX notification resumes it.
+ * Nothing read from the TAP is lost across save/restore: the held frame is part of the saved state.
+ * With a multi-queue TAP this fd's queue is attached only once the device first runs (DRIVER_OK, not paused)
+ * and detached on reset, so a migration destination holding the same TAP takes no frames before it runs.
  */
 export class VirtioNet extends VirtioDevice {
   readonly deviceId = VIRTIO_ID.NET;
@@ -79,6 +83,13 @@ export class VirtioNet extends VirtioDevice {
     this.config.set(opts.mac, 0);
     this.writeStatusField();
     new DataView(this.config.buffer).setUint16(8, 1, true);
+    // Not running yet: the kernel queues nothing for us (see rx(), which attaches the queue).
+    this.tap.detachQueue();
+  }
+
+  /** Frames read from the TAP but not yet in a guest buffer (0 or 1). */
+  get rxHeld(): number {
+    return this.held ? 1 : 0;
   }
 
   get mac(): string {
@@ -136,7 +147,11 @@ export class VirtioNet extends VirtioDevice {
   override reset(): void {
     this.watch?.setActive(false);
     this.held = undefined;
-    if (!this.closed) this.tap.setOffload(0);
+    if (!this.closed) {
+      this.tap.setOffload(0);
+      // A reset NIC takes no frames (a multi-queue TAP drops them instead of queueing stale ones).
+      this.tap.detachQueue();
+    }
   }
 
   processQueue(q: number): void {
@@ -177,6 +192,10 @@ export class VirtioNet extends VirtioDevice {
       this.watch?.setActive(false);
       return;
     }
+    if (!this.tap.attached) {
+      const r = this.tap.attachQueue();
+      if (r < 0) throw new KvmkitError('KVMKIT_ERR_VIRTIO_NET_TAP', `TUNSETQUEUE(IFF_ATTACH_QUEUE) on ${this.tap.name} failed: errno ${-r}`, { details: { errno: -r } });
+    }
     const vq = this.ctx.queue(RXQ);
     const mem = this.ctx.memory;
     let delivered = 0;
@@ -216,16 +235,21 @@ export class VirtioNet extends VirtioDevice {
   }
 
   override saveState(): unknown {
-    return { version: NET_STATE_VERSION, mac: this.config.slice(0, 6), linkUp: this.linkUp, stats: { ...this.stats } };
+    // The held frame was taken from the TAP: it exists nowhere else, so it travels with the state.
+    return { version: NET_STATE_VERSION, mac: this.config.slice(0, 6), linkUp: this.linkUp, stats: { ...this.stats }, ...(this.held ? { held: new Uint8Array(this.held) } : {}) };
   }
 
   override restoreState(s: unknown): void {
-    const o = (s ?? {}) as { version?: unknown; mac?: unknown; linkUp?: unknown; stats?: Partial<NetStats> };
-    if (o.version !== NET_STATE_VERSION) throw new KvmkitError('KVMKIT_ERR_STATE_FORMAT', `virtio-net state version ${String(o.version)} is not supported`);
+    const o = (s ?? {}) as { version?: unknown; mac?: unknown; linkUp?: unknown; stats?: Partial<NetStats>; held?: unknown };
+    const fail = (what: string) => new KvmkitError('KVMKIT_ERR_STATE_FORMAT', `virtio-net state: ${what}`, { details: { what } });
+    if (o.version !== 1 && o.version !== NET_STATE_VERSION) throw fail(`version ${String(o.version)} is not supported`);
+    if (o.held !== undefined && (!(o.held instanceof Uint8Array) || o.held.length < VNET_HDR_SIZE || o.held.length > VNET_HDR_SIZE + MAX_FRAME)) throw fail('held frame is not 12..65602 bytes');
     if (o.mac instanceof Uint8Array && o.mac.length === 6) this.config.set(o.mac, 0);
     this.linkUp = o.linkUp !== false;
     this.writeStatusField();
     if (o.stats) for (const k of Object.keys(this.stats) as (keyof NetStats)[]) if (typeof o.stats[k] === 'number') this.stats[k] = o.stats[k]!;
+    // Delivered first once the device runs (resume kicks the RX queue).
+    this.held = o.held instanceof Uint8Array ? Buffer.from(o.held) : undefined;
   }
 
   override close(): void {
