@@ -2,8 +2,8 @@ import { describe, it, expect, afterAll } from 'vitest';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { createHooks, tapOnly, PluginHost, type MachineApi, type Logger } from '@kvmkit/kernel';
-import hostPvm, { detectPvm, pvmEvidence, compatCmdline, doctorReport, DEFAULT_CLEARCPUID, CLEARCPUID_MAX, IMPLIED_BY_NOXSAVE } from './index.js';
+import { createHooks, tapOnly, PluginHost, GuestMemory, type MachineApi, type Logger } from '@kvmkit/kernel';
+import hostPvm, { translate, failedInstruction, detectPvm, pvmEvidence, compatCmdline, doctorReport, DEFAULT_CLEARCPUID, CLEARCPUID_MAX, IMPLIED_BY_NOXSAVE } from './index.js';
 
 const RECORDED = 'noxsave tsc=reliable clearcpuid=popcnt,cx16,smap,smep,xsave,avx,avx2,avx512f,bmi1,bmi2,movbe,erms,fsrm,fsgsbase,rdrand,rdseed,pcid,invpcid,umip,rdpid,clflushopt,clwb,pku,la57';
 
@@ -133,5 +133,48 @@ describe('host-pvm plugin', () => {
     for (const bad of [{ clearcpuid: 'avx' }, { clearcpuid: ['AVX,x'] }, { extraArgs: ['a b'] }, { requirePvm: 1 }, { nope: true }]) {
       expect(() => new PluginHost('0.1.0').register(hostPvm(bad as never)), JSON.stringify(bad)).toThrow(expect.objectContaining({ code: 'KVMKIT_ERR_PLUGIN_OPTIONS' }));
     }
+  });
+});
+
+describe('emulation-failure helpers', () => {
+  const size = 0x400000;
+  const mem = new GuestMemory([{ gpa: 0n, size, bytes: new Uint8Array(size), hva: 0n, slot: 0, name: 'ram' }]);
+  // PML4 0x1000 → PDPT 0x2000 → PD 0x3000 → PT 0x4000; VA 0xffffffff81000000 (kernel text style).
+  const va = 0xffff_ffff_8100_0000n;
+  const idx = (l: number) => Number((va >> BigInt(12 + 9 * l)) & 0x1ffn);
+  mem.writeU64(0x1000n + BigInt(idx(3)) * 8n, 0x2000n | 3n);
+  mem.writeU64(0x2000n + BigInt(idx(2)) * 8n, 0x3000n | 3n);
+  mem.writeU64(0x3000n + BigInt(idx(1)) * 8n, 0x4000n | 3n);
+  mem.writeU64(0x4000n + BigInt(idx(0)) * 8n, 0x200000n | 3n);
+
+  it('walks 4 KiB, 2 MiB and 1 GiB mappings and refuses non-present or out-of-RAM tables', () => {
+    expect(translate(mem, 0x1000n, va + 0x123n)).toBe(0x200123n);
+    expect(translate(mem, 0x1000n, va + 0x1000n)).toBeUndefined();            // PT entry not present
+    const va2 = 0x4000_0000n;                                                   // 2 MiB page via PD 0x6000
+    mem.writeU64(0x1000n, 0x5000n | 3n);
+    mem.writeU64(0x5000n + 8n, 0x6000n | 3n);
+    mem.writeU64(0x6000n, 0x200000n | 0x83n);
+    expect(translate(mem, 0x1000n, va2 + 0x1_2345n)).toBe(0x21_2345n);
+    mem.writeU64(0x5000n + 16n, 0xc000_0000n | 0x83n);                          // 1 GiB page
+    expect(translate(mem, 0x1000n, 0x8000_0000n + 0x1234_5678n)).toBe(0xd234_5678n);
+    mem.writeU64(0x5000n + 24n, 0x7_0000_0000n | 3n);                           // table outside guest RAM
+    expect(translate(mem, 0x1000n, 0xc000_0000n)).toBeUndefined();
+    expect(translate(mem, 0xfff_0000_0000n, va)).toBeUndefined();               // CR3 outside guest RAM
+  });
+
+  it('takes the instruction bytes from the exit when KVM supplies them, else reads them at RIP', () => {
+    // flags = 1 (instruction bytes), then size 1 + 0x9b, padded with NOPs as KVM does.
+    const withBytes = { kind: 'internal-error' as const, suberror: 1, data: [1n, 0x9090_9090_9090_9b01n, 0x9090_9090_9090_9090n] };
+    expect(Array.from(failedInstruction(withBytes, undefined, 0n, 0n)!)).toEqual([0x9b]);
+    mem.write(0x200456n, Uint8Array.of(0xf4));
+    const noBytes = { kind: 'internal-error' as const, suberror: 1, data: [0n] };
+    expect(Array.from(failedInstruction(noBytes, mem, va + 0x456n, 0x1000n)!)).toEqual([0xf4]);
+    expect(failedInstruction(noBytes, mem, va + 0x1000n, 0x1000n)).toBeUndefined();
+    expect(failedInstruction({ ...withBytes, data: [1n, 0x20n, 0n] }, undefined, 0n, 0n)).toBeUndefined();  // size 32 > 15
+  });
+
+  it('refuses an unknown instruction name in emulate', () => {
+    const p = hostPvm({ emulate: ['hlt'] });
+    expect(() => p.validateOptions!(p.options)).toThrow(/emulate may list fwait/);
   });
 });

@@ -1,6 +1,6 @@
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { KvmkitError, checkOptions, type Plugin, type MachineApi, type Logger } from '@kvmkit/kernel';
+import { KvmkitError, checkOptions, type Plugin, type MachineApi, type Logger, type GuestMemory, type VcpuExit } from '@kvmkit/kernel';
 
 const NAME = 'host-pvm';
 const VERSION = '0.1.0';
@@ -46,6 +46,70 @@ export interface HostPvmOptions {
   sysModule?: string;
   /** Where cpuinfo is (default /proc/cpuinfo; tests). */
   cpuinfo?: string;
+  /**
+   * Guest ring-0 instructions the host's emulator cannot do that kvmkit completes itself when KVM reports an
+   * emulation failure on them (default ['fwait']; [] turns it off). See `EMULATED`.
+   */
+  emulate?: string[];
+}
+
+/**
+ * Instructions completed by the VMM after a KVM emulation failure in guest ring 0 (suberror 1), by opcode bytes.
+ * `fwait` (9b): waits for pending unmasked x87 exceptions. Linux runs it in fpu__drop() only to flush delayed
+ * exceptions from user space and ignores them (exception-table fixup), so completing it as a no-op is what the
+ * guest asks for. Seen here: a 2-vCPU boot stopped with KVM_EXIT_INTERNAL_ERROR on it at `Run /init`.
+ */
+export const EMULATED: Readonly<Record<string, { bytes: readonly number[] }>> = Object.freeze({
+  fwait: { bytes: [0x9b] },
+});
+
+/**
+ * Guest-virtual → guest-physical through the guest's 4-level page tables (CR3), honouring 1 GiB / 2 MiB pages.
+ * Every table read is bounds-checked by GuestMemory; any non-present entry or read error gives undefined.
+ */
+export function translate(mem: GuestMemory, cr3: bigint, va: bigint): bigint | undefined {
+  const ADDR = 0x000f_ffff_ffff_f000n;
+  try {
+    let table = cr3 & ADDR;
+    for (let level = 3; level >= 0; level--) {
+      const idx = (va >> BigInt(12 + 9 * level)) & 0x1ffn;
+      const e = mem.readU64(table + idx * 8n);
+      if ((e & 1n) === 0n) return undefined;
+      if (level === 0) return (e & ADDR) | (va & 0xfffn);
+      if ((level === 1 || level === 2) && (e & 0x80n) !== 0n) {
+        const size = 1n << BigInt(12 + 9 * level);
+        return (e & ADDR & ~(size - 1n)) | (va & (size - 1n));
+      }
+      table = e & ADDR;
+    }
+  } catch {
+    return undefined;
+  }
+  return undefined;
+}
+
+/**
+ * The bytes of the instruction KVM failed to emulate: from the exit itself when KVM supplies them
+ * (KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES: data[0] flags, data[1] byte 0 = size, then the bytes),
+ * else read at RIP through the guest page tables. Undefined when neither works.
+ */
+export function failedInstruction(exit: Extract<VcpuExit, { kind: 'internal-error' }>, mem: GuestMemory | undefined, rip: bigint, cr3: bigint): Uint8Array | undefined {
+  if (exit.data.length >= 3 && (exit.data[0]! & 1n) !== 0n) {
+    const raw = new Uint8Array(16);
+    const dv = new DataView(raw.buffer);
+    dv.setBigUint64(0, exit.data[1]!, true);
+    dv.setBigUint64(8, exit.data[2]!, true);
+    const n = raw[0]!;
+    if (n >= 1 && n <= 15) return raw.slice(1, 1 + n);
+  }
+  if (!mem) return undefined;
+  const pa = translate(mem, cr3, rip);
+  if (pa === undefined) return undefined;
+  try {
+    return mem.read(pa, 1).slice();
+  } catch {
+    return undefined;
+  }
 }
 
 /** What the profile adds to the cmdline and why. */
@@ -151,7 +215,11 @@ function validate(o: unknown): HostPvmOptions {
     requirePvm: { type: 'boolean' },
     sysModule: { type: 'string' },
     cpuinfo: { type: 'string' },
+    emulate: { type: 'array' },
   }) as HostPvmOptions;
+  if (x.emulate && !x.emulate.every((e) => typeof e === 'string' && Object.hasOwn(EMULATED, e))) {
+    throw new KvmkitError('KVMKIT_ERR_PLUGIN_OPTIONS', `host-pvm: option emulate may list ${Object.keys(EMULATED).join(', ')}`, { details: { key: 'emulate' } });
+  }
   for (const k of ['clearcpuid', 'extraClearcpuid', 'keepCpuid'] as const) {
     const v = x[k];
     if (v && !v.every((f) => typeof f === 'string' && FEATURE_RE.test(f))) {
@@ -215,6 +283,28 @@ export default function hostPvm(options: HostPvmOptions = {}): Plugin {
         );
         return [...parts, ...added];
       });
+      const emulate = (o.emulate ?? ['fwait']).map((n) => ({ name: n, bytes: EMULATED[n]!.bytes }));
+      if (emulate.length > 0) {
+        const counts = new Map<string, number>();
+        machine.hooks.unhandledExit.tap(NAME, (exit, index) => {
+          if (exit.kind !== 'internal-error' || exit.suberror !== 1) return undefined;
+          const vcpu = machine.vcpus[index];
+          if (!vcpu) return undefined;
+          const regs = vcpu.getRegs();
+          const sregs = vcpu.getSregs();
+          if (sregs.cs.dpl !== 0) return undefined;
+          const insn = failedInstruction(exit, machine.memory, regs.rip, sregs.cr3);
+          const hit = insn && emulate.find((e) => e.bytes.length <= insn.length && e.bytes.every((b, i) => insn[i] === b));
+          if (!hit) return undefined;
+          vcpu.setRegs({ ...regs, rip: regs.rip + BigInt(hit.bytes.length) });
+          const n = (counts.get(hit.name) ?? 0) + 1;
+          counts.set(hit.name, n);
+          if (n === 1 || (n & (n - 1)) === 0) {
+            log.info({ vcpu: index, rip: `0x${regs.rip.toString(16)}`, instruction: hit.name, count: n }, 'host emulator failed on a guest ring-0 instruction; kvmkit completed it');
+          }
+          return 'continue';
+        });
+      }
     },
   };
 }
