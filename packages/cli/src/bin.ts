@@ -1,10 +1,27 @@
 #!/usr/bin/env node
-import { main } from './main.js';
+import { earlyVcpuCount } from './early.js';
+
+const argv = process.argv.slice(2);
+
+// Start-up: a VM's vCPU worker threads take tens of ms to boot (isolate, Node bootstrap, koffi). Begin them
+// before importing the CLI, kernel and plugins, so both happen at once; the Machine adopts them
+// (@kvmkit/kernel vcpu/pool.js, loaded by file URL: it imports nothing, unlike the kernel's index).
+const early = earlyVcpuCount(argv);
+if (early > 0) {
+  try {
+    const pool = (await import(new URL('./vcpu/pool.js', import.meta.resolve('@kvmkit/kernel')).href)) as { prespawnVcpuWorkers(n: number): void };
+    pool.prespawnVcpuWorkers(early);
+  } catch {
+    // Not fatal: the Machine spawns its own workers.
+  }
+}
+
+const { main } = await import('./main.js');
 
 // Exit explicitly: vCPU workers and fd watchers are released by Machine.stop(), but a plugin that leaves a handle
 // open must not keep the command alive after the VM stopped. stdout/stderr writes are synchronous for files and
 // pipes on Linux, so nothing printed is lost.
-main(process.argv.slice(2)).then(
+main(argv).then(
   (code) => process.exit(code),
   (e: unknown) => {
     process.stderr.write(`error KVMKIT_ERR_INTERNAL: ${(e as Error)?.stack ?? e}\n`);

@@ -1,7 +1,8 @@
 import { existsSync, readFileSync, statSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import path from 'node:path';
-import { cosmiconfig } from 'cosmiconfig';
-import { isNode, parseDocument } from 'yaml';
+import type * as Cosmiconfig from 'cosmiconfig';
+import type * as Yaml from 'yaml';
 import { KvmkitError } from '@kvmkit/kernel';
 import { validateConfig, type KvmkitConfig } from './schema.js';
 
@@ -61,7 +62,13 @@ function formatOf(file: string): string {
   return ext === '' ? 'yaml' : ext === 'yml' ? 'yaml' : ext;
 }
 
+// cosmiconfig and yaml are loaded on first use (~25 ms of start-up that flag-only `kvmkit run` never needs).
+const require = createRequire(import.meta.url);
+let cosmiconfigMod: typeof Cosmiconfig | undefined;
+let yamlMod: typeof Yaml | undefined;
+
 function explorer() {
+  const { cosmiconfig } = (cosmiconfigMod ??= require('cosmiconfig') as typeof Cosmiconfig);
   // A fresh explorer per call: cosmiconfig caches results per explorer.
   return cosmiconfig(MODULE_NAME, { searchPlaces: [...SEARCH_PLACES], searchStrategy: 'none', cache: false });
 }
@@ -191,6 +198,7 @@ function withLine(file: string, e: unknown): unknown {
   if (format !== 'json' && format !== 'yaml' && format !== 'package.json#kvmkit') return e;
   try {
     const text = readFileSync(file, 'utf8');
+    const { isNode, parseDocument } = (yamlMod ??= require('yaml') as typeof Yaml);
     const doc = parseDocument(text);
     let keys = e.details.path === '(top level)' ? [] : splitKeyPath(e.details.path);
     if (keys === undefined) return e;

@@ -27,5 +27,6 @@ export type { Regs, Sregs, Segment, DTable, CpuidEntry, MsrEntry, VcpuBootState 
 export { KVM_EXIT, KVM_SYSTEM_EVENT } from './exits.js';
 export type { VcpuExit, ExitAction } from './exits.js';
 export * as ffi from './kvm/ffi.js';
+export { prespawnVcpuWorkers, prespawnedCount, discardPrespawned } from './vcpu/pool.js';
 export * from './fdwatch.js';
 export * from './machine.js';

@@ -19,6 +19,7 @@ import { saveVcpuState, restoreVcpuState, type VcpuState } from './kvm/vcpu-stat
 import { KVM_EXIT, KVM_SYSTEM_EVENT, type VcpuExit } from './exits.js';
 import * as P from './vcpu/protocol.js';
 import { EventFd, watchFd, type FdWatch } from './fdwatch.js';
+import { spawnVcpuWorker, takePrespawned, vcpuWorkerUrl, workerFailure } from './vcpu/pool.js';
 
 export const KERNEL_VERSION: string = (() => {
   try {
@@ -61,9 +62,6 @@ interface VcpuRuntime {
 /** Capabilities the kernel itself needs. */
 const REQUIRED_CAPS = ['USER_MEMORY', 'IMMEDIATE_EXIT', 'EXT_CPUID', 'SET_TSS_ADDR'] as const;
 
-/** Pre-spawned vCPU workers that failed or exited before being adopted. */
-const prewarmFailed = new WeakMap<Worker, Error>();
-
 let sigusr2Installed = false;
 /** SIGUSR2 kicks a vCPU thread out of KVM_RUN (EINTR). A no-op listener makes libuv install a handler. */
 function installKickSignal(): void {
@@ -73,10 +71,7 @@ function installKickSignal(): void {
 }
 
 function workerUrl(): URL {
-  const here = import.meta.url;
-  // Running from src/ (vitest): use the built worker.
-  if (here.endsWith('.ts')) return new URL('../dist/vcpu/worker.js', here);
-  return new URL('./vcpu/worker.js', here);
+  return vcpuWorkerUrl();
 }
 
 /**
@@ -231,15 +226,10 @@ export class Machine {
     this.config = await this.guard('configure', undefined, () => this.hooks.configure.call(this.config));
     validateMachineConfig(this.config);
     this._state = 'configured';
-    // Thread + isolate + module start-up of the vCPU workers runs while memory, devices and boot are set up.
-    const url = workerUrl();
-    this.prewarmed = Array.from({ length: this.config.cpus }, (_, i) => {
-      const w = new Worker(url, { name: `vcpu${i}` });
-      // Until startWorkers() adopts it, remember a failure instead of losing the events.
-      w.on('error', (e) => { if (!prewarmFailed.has(w)) prewarmFailed.set(w, e); });
-      w.once('exit', (code) => { if (!prewarmFailed.has(w)) prewarmFailed.set(w, new Error(`exited with code ${code}`)); });
-      return w;
-    });
+    // Thread + isolate + module start-up of the vCPU workers runs while memory, devices and boot are set up
+    // (workers pre-spawned by the process, see vcpu/pool.ts, are adopted first). Until startWorkers() adopts a
+    // worker, a failure is remembered instead of lost (workerFailure).
+    this.prewarmed = Array.from({ length: this.config.cpus }, (_, i) => takePrespawned() ?? spawnVcpuWorker(`vcpu${i}`));
 
     const kvm = (this.kvm = Kvm.open(this.kvmPath));
     kvm.requireCapabilities([...REQUIRED_CAPS]);
@@ -331,7 +321,7 @@ export class Machine {
       const wake = this.mailboxWake === 'eventfd' ? EventFd.create() : undefined;
       const init: P.WorkerInit = { index: vcpu.index, fd: vcpu.fd, mmapSize: vcpu.mmapSize, ctrl: ctrlSab, mailbox: mbSab, pio, mmio, handlers, wakeFd: wake ? wake.fd : -1 };
       const pre = this.prewarmed[vcpu.index];
-      const early = pre ? prewarmFailed.get(pre) : undefined;
+      const early = pre ? workerFailure(pre) : undefined;
       if (early) throw new KvmkitError('KVMKIT_ERR_VCPU_WORKER', `vCPU ${vcpu.index} worker failed while starting: ${early.message}`, { cause: early });
       const worker = pre ?? new Worker(url, { workerData: init, name: `vcpu${vcpu.index}` });
       if (pre) worker.postMessage(init);

@@ -28,6 +28,27 @@ describe('PluginHost', () => {
     h.register(p({ name: 'needs', dependencies: ['missing'] }));
     expect(codeOf(() => h.check())).toBe('KVMKIT_ERR_PLUGIN_DEPENDENCY');
   });
+  it('checks versions and kernel ranges as semver does (plain X.Y.Z / ^X.Y.Z decided without loading semver)', () => {
+    const ok = (kernel: string, range: string, version = '1.0.0') => codeOf(() => new PluginHost(kernel).register(p({ name: 'k', kernel: range, version })));
+    expect(ok('0.1.0', '^0.1.0')).toBe('none');
+    expect(ok('0.1.7', '^0.1.2')).toBe('none');
+    expect(ok('0.1.1', '^0.1.2')).toBe('KVMKIT_ERR_PLUGIN_VERSION');
+    expect(ok('0.2.0', '^0.1.0')).toBe('KVMKIT_ERR_PLUGIN_VERSION');
+    expect(ok('0.0.3', '^0.0.3')).toBe('none');
+    expect(ok('0.0.4', '^0.0.3')).toBe('KVMKIT_ERR_PLUGIN_VERSION');
+    expect(ok('1.9.0', '^1.2.3')).toBe('none');
+    expect(ok('2.0.0', '^1.2.3')).toBe('KVMKIT_ERR_PLUGIN_VERSION');
+    expect(ok('1.2.2', '^1.2.3')).toBe('KVMKIT_ERR_PLUGIN_VERSION');
+    // Other ranges and versions go to semver itself.
+    expect(ok('0.1.0', '>=0.1.0 <0.2.0')).toBe('none');
+    expect(ok('0.1.0', '0.1.x')).toBe('none');
+    expect(ok('0.2.0-rc.1', '^0.2.0-rc.0')).toBe('none');
+    expect(ok('0.1.0', 'not a range')).toBe('KVMKIT_ERR_PLUGIN_VERSION');
+    expect(ok('0.1.0', '^0.1.0', 'v1.0.0')).toBe('none');
+    expect(ok('0.1.0', '^0.1.0', '1.0.0-beta.1')).toBe('none');
+    expect(ok('0.1.0', '^0.1.0', '1.0')).toBe('KVMKIT_ERR_PLUGIN_INVALID');
+    expect(ok('0.1.0', '^0.1.0', '01.0.0')).toBe('KVMKIT_ERR_PLUGIN_INVALID');
+  });
   it('a failed registration leaves nothing behind', () => {
     const h = new PluginHost('0.1.0');
     expect(codeOf(() => h.register(p({ name: 'bad', provides: ['firmware'], validateOptions() { throw new Error('x'); } })))).toBe('KVMKIT_ERR_PLUGIN_OPTIONS');

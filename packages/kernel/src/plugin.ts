@@ -1,6 +1,4 @@
-// Only the two functions used: the full semver package costs ~25 ms of start-up.
-import semverSatisfies from 'semver/functions/satisfies.js';
-import semverValid from 'semver/functions/valid.js';
+import { createRequire } from 'node:module';
 import { KvmkitError, toKvmkitError } from './errors.js';
 import type { TapHooks } from './hooks.js';
 import type { Logger } from './logger.js';
@@ -9,6 +7,39 @@ import type { GuestMemory } from './memory.js';
 import type { Vm } from './kvm/vm.js';
 import type { Vcpu } from './kvm/vcpu.js';
 import type { StateSection } from './state.js';
+
+// semver costs ~15 ms of start-up (loading it, then compiling its range regexes on first use). Plain `X.Y.Z`
+// versions and `^X.Y.Z` ranges (what every plugin here declares) are decided below exactly as semver would;
+// anything else loads semver's two functions on first use.
+const requireSemver = createRequire(import.meta.url);
+type SatisfiesFn = (version: string, range: string, opts?: { includePrerelease?: boolean }) => boolean;
+let semverFns: { satisfies: SatisfiesFn; valid: (v: string) => string | null } | undefined;
+function semver(): NonNullable<typeof semverFns> {
+  return (semverFns ??= {
+    satisfies: requireSemver('semver/functions/satisfies.js') as SatisfiesFn,
+    valid: requireSemver('semver/functions/valid.js') as (v: string) => string | null,
+  });
+}
+const PLAIN_VERSION = /^(0|[1-9]\d{0,14})\.(0|[1-9]\d{0,14})\.(0|[1-9]\d{0,14})$/;
+const CARET_RANGE = /^\^(0|[1-9]\d{0,14})\.(0|[1-9]\d{0,14})\.(0|[1-9]\d{0,14})$/;
+
+function semverValid(v: string): boolean {
+  return PLAIN_VERSION.test(v) || semver().valid(v) !== null;
+}
+
+/** semver.satisfies(version, range, { includePrerelease: true }). */
+function semverSatisfies(version: string, range: string): boolean {
+  const v = PLAIN_VERSION.exec(version);
+  const r = CARET_RANGE.exec(range);
+  if (!v || !r) return semver().satisfies(version, range, { includePrerelease: true });
+  const [a, b, c] = [Number(v[1]), Number(v[2]), Number(v[3])];
+  const [x, y, z] = [Number(r[1]), Number(r[2]), Number(r[3])];
+  const atLeast = a !== x ? a > x : b !== y ? b > y : c >= z;
+  // ^X.Y.Z: <(X+1).0.0 when X > 0, <0.(Y+1).0 when X = 0 < Y, <0.0.(Z+1) when X = Y = 0.
+  if (x > 0) return atLeast && a === x;
+  if (y > 0) return atLeast && a === 0 && b === y;
+  return a === 0 && b === 0 && c === z;
+}
 
 /** Why a machine stopped. `exitCode` is what `kvmkit run` exits with. */
 export interface StopReason {
@@ -104,7 +135,7 @@ export class PluginHost {
     if (this.plugins.some((x) => x.name === plugin.name)) {
       throw new KvmkitError('KVMKIT_ERR_PLUGIN_DUPLICATE', `plugin ${plugin.name} is registered twice`, { details: { plugin: plugin.name } });
     }
-    if (plugin.kernel !== undefined && !semverSatisfies(this.kernelVersion, plugin.kernel, { includePrerelease: true })) {
+    if (plugin.kernel !== undefined && !semverSatisfies(this.kernelVersion, plugin.kernel)) {
       throw new KvmkitError('KVMKIT_ERR_PLUGIN_VERSION', `plugin ${plugin.name} needs @kvmkit/kernel ${plugin.kernel}; this is ${this.kernelVersion}`, {
         details: { plugin: plugin.name, range: plugin.kernel, kernel: this.kernelVersion },
       });
