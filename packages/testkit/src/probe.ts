@@ -214,6 +214,8 @@ export interface QemuProbeOptions extends RootOptions {
   qemu?: string;
   /** Extra QEMU arguments. */
   extraArgs?: string[];
+  /** Runs QEMU under this command prefix, e.g. `TestNetns.wrap` (`ip netns exec <ns>`) for a TAP inside a namespace. */
+  wrap?: string[];
 }
 
 export interface QemuProbeResult {
@@ -245,7 +247,8 @@ export async function runQemuProbe(opts: QemuProbeOptions): Promise<QemuProbeRes
   const elf = probeElfPath(opts);
   const args = [...qemuProbeArgs(elf, probeCmdline(opts.test, opts.params), opts.cpus ?? 1, opts.memory ?? 64), ...(opts.extraArgs ?? [])];
   const timeoutMs = opts.timeoutMs ?? 60_000;
-  const r = await run(qemu, args, timeoutMs);
+  const wrap = opts.wrap ?? [];
+  const r = wrap.length > 0 ? await run(wrap[0]!, [...wrap.slice(1), qemu, ...args], timeoutMs) : await run(qemu, args, timeoutMs);
   const output = r.stdout + r.stderr;
   if (r.timedOut) {
     throw new KvmkitError('KVMKIT_ERR_TIMEOUT', `probe ${opts.test} on QEMU did not finish within ${timeoutMs} ms`, { details: { output, args } });
@@ -297,4 +300,217 @@ export async function runCfloor(args: string[], opts: RootOptions & { timeoutMs?
 export function runCfloorProbe(opts: Omit<QemuProbeOptions, 'qemu' | 'extraArgs'>): Promise<CfloorResult> {
   const args = ['pvh', probeElfPath(opts), '--cmdline', probeCmdline(opts.test, opts.params), '--mem', String(opts.memory ?? 64), '--cpus', String(opts.cpus ?? 1)];
   return runCfloor(args, opts);
+}
+
+// ---- network namespaces and UDP peers for the probe's virtio-net modes (probe.test=net) ----
+
+/** Why TAP + netns tests cannot run here (not root, no /dev/net/tun, no `ip`), or undefined when they can. */
+export function netnsUnavailable(): string | undefined {
+  if (process.getuid?.() !== 0) return 'needs root (CAP_NET_ADMIN) for TAP devices and network namespaces';
+  if (!existsSync('/dev/net/tun')) return '/dev/net/tun is missing';
+  if (!findExecutable('ip', `${process.env['PATH'] ?? ''}${delimiter}/usr/sbin${delimiter}/sbin`)) return 'the ip command (iproute2) is missing';
+  return undefined;
+}
+
+function ipCmd(args: string[]): string {
+  try {
+    return execFileSync('ip', args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: 10_000 });
+  } catch (e) {
+    const err = e as { stderr?: string; message: string };
+    throw new KvmkitError('KVMKIT_ERR_TESTKIT_SPAWN', `ip ${args.join(' ')} failed: ${(err.stderr ?? err.message).trim()}`, { cause: e, details: { args } });
+  }
+}
+
+/**
+ * A throwaway network namespace (`ip netns add`) for TAP tests; traffic never leaves the machine.
+ * `destroy()` deletes it (and every link inside) and is idempotent.
+ */
+export class TestNetns {
+  private alive = true;
+  private constructor(readonly name: string) {}
+
+  /** Creates `kvmkit-<tag>-<pid>`. */
+  static create(tag: string): TestNetns {
+    const name = `kvmkit-${tag}-${process.pid}`;
+    ipCmd(['netns', 'add', name]);
+    const ns = new TestNetns(name);
+    ns.ip('link', 'set', 'lo', 'up');
+    return ns;
+  }
+
+  /** `ip -n <ns> ...` */
+  ip(...args: string[]): string {
+    return ipCmd(['-n', this.name, ...args]);
+  }
+
+  /** The command prefix that runs a program inside the namespace. */
+  get wrap(): string[] {
+    return ['ip', 'netns', 'exec', this.name];
+  }
+
+  /** Moves an existing link (e.g. a TAP a VMM opened in this namespace's parent) in, gives it `cidr`, sets it up. */
+  adopt(link: string, cidr: string): void {
+    ipCmd(['link', 'set', link, 'netns', this.name]);
+    this.ip('addr', 'add', cidr, 'dev', link);
+    this.ip('link', 'set', link, 'up');
+  }
+
+  /** Creates a persistent TAP (with vnet_hdr) inside, with `cidr`, up: a VMM started with `wrap` attaches to it. */
+  addTap(name: string, cidr: string): void {
+    this.ip('tuntap', 'add', 'dev', name, 'mode', 'tap', 'vnet_hdr');
+    this.ip('addr', 'add', cidr, 'dev', name);
+    this.ip('link', 'set', name, 'up');
+  }
+
+  /** Runs a command inside; resolves with its output and exit code (never rejects on a non-zero exit). */
+  exec(cmd: string, args: string[], timeoutMs = 30_000): Promise<{ code: number | null; stdout: string; stderr: string }> {
+    return run('ip', ['netns', 'exec', this.name, cmd, ...args], timeoutMs).then((r) => ({ code: r.code, stdout: r.stdout, stderr: r.stderr }));
+  }
+
+  destroy(): void {
+    if (!this.alive) return;
+    this.alive = false;
+    try {
+      ipCmd(['netns', 'del', this.name]);
+    } catch {
+      /* already gone */
+    }
+  }
+}
+
+/** The probe's UDP payload: bytes 0..3 = seq (big endian), byte i ≥ 4 = (seq + i) & 0xff. */
+export function probeUdpPayload(seq: number, size: number): Buffer {
+  const b = Buffer.alloc(size);
+  b.writeUInt32BE(seq >>> 0, 0);
+  for (let i = 4; i < size; i++) b[i] = (seq + i) & 0xff;
+  return b;
+}
+
+// Child scripts (CommonJS, run with `node -e`): they live in the namespace, the test process does not.
+const RECEIVER_JS = `
+const dgram = require('node:dgram'); const o = JSON.parse(process.argv[1]);
+const s = dgram.createSocket({ type: 'udp4', recvBufferSize: o.rcvbuf });
+const seen = new Uint8Array(o.count); let received = 0, bad = 0, dup = 0, bytes = 0, ooo = 0, maxSeq = -1, first = 0n, last = 0n;
+s.on('message', (m) => {
+  const t = process.hrtime.bigint(); if (first === 0n) first = t; last = t;
+  if (m.length < 4) { bad++; return; }
+  const seq = m.readUInt32BE(0);
+  for (let i = 4; i < m.length; i++) if (m[i] !== ((seq + i) & 255)) { bad++; return; }
+  if (seq >= o.count || (o.size && m.length !== o.size)) { bad++; return; }
+  if (seen[seq]) { dup++; return; }
+  seen[seq] = 1; received++; bytes += m.length; if (seq < maxSeq) ooo++; else maxSeq = seq;
+});
+s.bind(o.port, o.address, () => process.stdout.write(JSON.stringify({ ready: true, rcvbuf: s.getRecvBufferSize() }) + '\\n'));
+const end = () => { process.stdout.write(JSON.stringify({ received, bad, dup, bytes, outOfOrder: ooo, ms: Number(last - first) / 1e6 }) + '\\n'); process.exit(0); };
+process.stdin.on('end', end); process.stdin.resume(); process.on('SIGTERM', end);
+`;
+
+const SENDER_JS = `
+const dgram = require('node:dgram'); const o = JSON.parse(process.argv[1]);
+const s = dgram.createSocket('udp4');
+const pay = (seq) => { const b = Buffer.alloc(o.size); b.writeUInt32BE(seq >>> 0, 0); for (let i = 4; i < o.size; i++) b[i] = (seq + i) & 255; return b; };
+(async () => {
+  const t0 = process.hrtime.bigint(); const gap = BigInt(Math.round(o.burst * 1e9 / o.pps)); let seq = 0, errors = 0;
+  while (seq < o.count) {
+    const due = t0 + BigInt(Math.floor(seq / o.burst)) * gap;
+    while (process.hrtime.bigint() < due) await new Promise((r) => setImmediate(r));
+    for (let k = 0; k < o.burst && seq < o.count; k++, seq++)
+      await new Promise((r) => s.send(pay(seq), o.port, o.address, (e) => { if (e) errors++; r(); }));
+  }
+  process.stdout.write(JSON.stringify({ sent: seq, errors, ms: Number(process.hrtime.bigint() - t0) / 1e6 }) + '\\n');
+  s.close();
+})();
+`;
+
+export interface UdpReceiverStats {
+  /** Distinct valid datagrams (seq < count, pattern and size right). */
+  received: number;
+  /** Wrong pattern, size or seq ≥ count. */
+  bad: number;
+  dup: number;
+  bytes: number;
+  /** Datagrams that arrived with a seq below one seen before. */
+  outOfOrder: number;
+  /** First to last datagram. */
+  ms: number;
+}
+
+export interface UdpReceiver {
+  /** The socket's receive buffer as granted (SO_RCVBUF). */
+  rcvbuf: number;
+  /** Stops the receiver and returns its counts. */
+  stop(): Promise<UdpReceiverStats>;
+}
+
+function spawnLines(argv: string[], stdin: boolean) {
+  const p = spawn(argv[0]!, argv.slice(1), { stdio: [stdin ? 'pipe' : 'ignore', 'pipe', 'pipe'] });
+  let buf = '';
+  let err = '';
+  const lines: unknown[] = [];
+  const waiters: Array<() => void> = [];
+  p.stdout!.setEncoding('utf8').on('data', (d: string) => {
+    buf += d;
+    let i;
+    while ((i = buf.indexOf('\n')) >= 0) {
+      try {
+        lines.push(JSON.parse(buf.slice(0, i)));
+      } catch {
+        /* not JSON */
+      }
+      buf = buf.slice(i + 1);
+      waiters.splice(0).forEach((w) => w());
+    }
+  });
+  p.stderr!.setEncoding('utf8').on('data', (d: string) => (err += d));
+  let exited = false;
+  p.on('close', () => {
+    exited = true;
+    waiters.splice(0).forEach((w) => w());
+  });
+  p.on('error', () => {
+    exited = true;
+    waiters.splice(0).forEach((w) => w());
+  });
+  const next = async (n: number, ms: number): Promise<unknown> => {
+    const end = Date.now() + ms;
+    while (lines.length < n) {
+      if (exited || Date.now() > end) {
+        p.kill('SIGKILL');
+        throw new KvmkitError('KVMKIT_ERR_TESTKIT_SPAWN', `${argv.slice(0, 5).join(' ')}: no result (${exited ? 'exited' : 'timeout'}): ${err.trim().slice(-300)}`);
+      }
+      await new Promise<void>((r) => {
+        waiters.push(r);
+        setTimeout(r, 100);
+      });
+    }
+    return lines[n - 1];
+  };
+  return { p, next };
+}
+
+/**
+ * Starts a UDP receiver inside `ns` bound to address:port that checks the probe payload (seq < count, pattern,
+ * `size` when given). Resolves once the socket is bound.
+ */
+export async function startNetnsUdpReceiver(ns: TestNetns, o: { address: string; port: number; count: number; size?: number; rcvbuf?: number }): Promise<UdpReceiver> {
+  const args = { address: o.address, port: o.port, count: o.count, size: o.size ?? 0, rcvbuf: o.rcvbuf ?? 4 << 20 };
+  const { p, next } = spawnLines([...ns.wrap, process.execPath, '-e', RECEIVER_JS, JSON.stringify(args)], true);
+  const ready = (await next(1, 15_000)) as { rcvbuf: number };
+  return {
+    rcvbuf: ready.rcvbuf,
+    async stop() {
+      p.stdin!.end();
+      return (await next(2, 10_000)) as UdpReceiverStats;
+    },
+  };
+}
+
+/**
+ * Sends `count` probe-payload datagrams of `size` bytes from inside `ns` to address:port, `burst` at a time,
+ * paced to about `pps` datagrams per second. Resolves with what was sent.
+ */
+export async function runNetnsUdpSender(ns: TestNetns, o: { address: string; port: number; count: number; size: number; pps: number; burst?: number; timeoutMs?: number }): Promise<{ sent: number; errors: number; ms: number }> {
+  const args = { address: o.address, port: o.port, count: o.count, size: o.size, pps: o.pps, burst: o.burst ?? 16 };
+  const { next } = spawnLines([...ns.wrap, process.execPath, '-e', SENDER_JS, JSON.stringify(args)], false);
+  return (await next(1, o.timeoutMs ?? 60_000)) as { sent: number; errors: number; ms: number };
 }
