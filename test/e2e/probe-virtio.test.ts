@@ -54,11 +54,11 @@ function checkImage(file: string, seed: bigint, start: number, n: number): void 
   expect(zero((start + n) * 512, img.length), 'bytes after the written range').toBe(true);
 }
 
-async function probeKvmkit(cmdline: string, disk: { path: string; readOnly?: boolean }) {
+async function probeKvmkit(cmdline: string, disk: { path: string; readOnly?: boolean; syncIo?: boolean }) {
   const chunks: Uint8Array[] = [];
   const m = new Machine({
     config: { name: 'probe-blk', memory: 64, cpus: 1, cmdline },
-    plugins: [virtioBlk({ path: disk.path, readOnly: disk.readOnly ?? false }), platformPc(),
+    plugins: [virtioBlk({ path: disk.path, readOnly: disk.readOnly ?? false, ...(disk.syncIo === undefined ? {} : { syncIo: disk.syncIo }) }), platformPc(),
       serial({ console: false, output: 'none', sink: (b) => chunks.push(b) }), bootLinux({ kernel: elf })],
     log: silentLogger(),
   });
@@ -73,7 +73,7 @@ async function probeKvmkit(cmdline: string, disk: { path: string; readOnly?: boo
   }
   const out = Buffer.concat(chunks).toString();
   const parsed = parseProbeOutput(out);
-  return { out, r, parsed, blk: parsed.lines.find((l) => l.test === 'blk'), dev: parsed.lines.find((l) => l.test === 'blk_dev') };
+  return { out, r, parsed, blk: parsed.lines.find((l) => l.test === 'blk'), dev: parsed.lines.find((l) => l.test === 'blk_dev'), bench: parsed.lines.find((l) => l.test === 'blkbench') };
 }
 
 describe.skipIf(!hasKvm)('probe virtio-blk driver on kvmkit', () => {
@@ -123,6 +123,79 @@ describe.skipIf(!hasKvm)('probe virtio-blk driver on kvmkit', () => {
   }, 60_000);
 });
 
+/** An image holding the probe pattern in every sector. */
+function patternImage(name: string, seed: bigint, size = MiB): string {
+  const p = path.join(dir, name);
+  const b = Buffer.alloc(size);
+  for (let s = 0; s < size / 512; s++) expectedSector(seed, s).copy(b, s * 512);
+  fs.writeFileSync(p, b);
+  return p;
+}
+
+describe.skipIf(!hasKvm)('probe blkbench (ring-3 polled throughput driver) on kvmkit: correctness', () => {
+  // Both request paths of the device: synchronous (syncIo, what tmpfs images get) and the libuv threadpool.
+  it.each([
+    ['synchronous I/O', true],
+    ['threadpool I/O', false],
+  ])('write, %s: depth 8 of 4 KiB with indirect descriptors, wrapping the disk; the host sees the pattern in every sector from start', async (_what, syncIo) => {
+    const file = image(`bench-w-${syncIo}.img`);
+    const seed = 0x600dn, start = 8;
+    // 1 MiB disk = 2048 sectors; span from sector 8 = 2040 sectors; 384 requests of 8 sectors wrap once.
+    const { out, r, bench, dev } = await probeKvmkit(
+      `probe.test=blkbench probe.blk.mode=write probe.blk.req=4096 probe.blk.bytes=${384 * 4096} probe.blk.depth=8 probe.blk.start=${start} probe.blk.verify=1 probe.blk.seed=0x${seed.toString(16)}`,
+      { path: file, syncIo },
+    );
+    expect(r, out).toMatchObject({ reason: 'guest-exit', exitCode: 0 });
+    expect(dev?.fields).toMatchObject({ indirect: '1', queue_num: '128' });
+    expect(bench?.fields, out).toMatchObject({ mode: 'write', req: '4096', depth: '8', bytes: String(384 * 4096), requests: '384', span_sectors: '2040', verify: '1', bad_words: '0', ok: '1' });
+    expect(Number(bench?.fields.cycles)).toBeGreaterThan(0);
+    expect(Number(bench?.fields.tsc_khz)).toBeGreaterThan(0);
+    checkImage(file, seed, start, 2040);
+  }, 60_000);
+
+  it.each([
+    ['synchronous I/O', true],
+    ['threadpool I/O', false],
+  ])('read, %s: depth 16 of 64 KiB; the guest checks every word against the pattern the host wrote', async (_what, syncIo) => {
+    const seed = 0xfeedn;
+    const file = patternImage(`bench-r-${syncIo}.img`, seed);
+    const { out, r, bench } = await probeKvmkit(
+      `probe.test=blkbench probe.blk.mode=read probe.blk.req=65536 probe.blk.bytes=${3 * MiB} probe.blk.depth=16 probe.blk.verify=1 probe.blk.seed=0x${seed.toString(16)}`,
+      { path: file, syncIo },
+    );
+    expect(r, out).toMatchObject({ reason: 'guest-exit', exitCode: 0 });
+    expect(bench?.fields, out).toMatchObject({ mode: 'read', req: '65536', depth: '16', requests: '48', span_sectors: '2048', bad_words: '0', ok: '1' });
+  }, 60_000);
+
+  it('read verification fails on a corrupted sector (status 1, bad_words counted)', async () => {
+    const seed = 0xfeedn;
+    const file = patternImage('bench-corrupt.img', seed);
+    const fd = fs.openSync(file, 'r+');
+    fs.writeSync(fd, Buffer.alloc(16, 0x77), 0, 16, 1000 * 512 + 64); // two words of sector 1000
+    fs.closeSync(fd);
+    const { out, r, bench } = await probeKvmkit(`probe.test=blkbench probe.blk.mode=read probe.blk.req=4096 probe.blk.bytes=${MiB} probe.blk.depth=4 probe.blk.verify=1 probe.blk.seed=0x${seed.toString(16)}`, { path: file });
+    expect(bench?.fields, out).toMatchObject({ bad_words: '2', ok: '0', requests: '256' });
+    expect(r.exitCode).toBe(1);
+  }, 60_000);
+
+  it('depth is clamped to the queue size; bad parameters and a write to a read-only disk are refused', async () => {
+    const file = image('bench-misc.img');
+    const deep = await probeKvmkit(`probe.test=blkbench probe.blk.mode=read probe.blk.req=512 probe.blk.bytes=${512 * 300} probe.blk.depth=1000`, { path: file });
+    expect(deep.r.exitCode, deep.out).toBe(0);
+    expect(deep.bench?.fields).toMatchObject({ depth: '128', requests: '300', ok: '1' });
+    const badReq = await probeKvmkit('probe.test=blkbench probe.blk.req=1000', { path: file });
+    expect(badReq.out).toContain('PROBE error blk_bench_req');
+    expect(badReq.r.exitCode).toBe(1);
+    const badMode = await probeKvmkit('probe.test=blkbench probe.blk.mode=trim', { path: file });
+    expect(badMode.out).toContain('PROBE error blkbench_mode=trim');
+    expect(badMode.r.exitCode).toBe(2);
+    const ro = await probeKvmkit('probe.test=blkbench probe.blk.mode=write probe.blk.bytes=4096', { path: file, readOnly: true });
+    expect(ro.out).toContain('PROBE error blk_bench_read_only');
+    expect(ro.r.exitCode).toBe(1);
+    expect(fs.readFileSync(file).every((x) => x === 0)).toBe(true);
+  }, 60_000);
+});
+
 describe.skipIf(!hasKvm)('probe virtio-mmio cmdline validation on kvmkit', () => {
   it.each([
     ['an address in RAM', 'virtio_mmio.device=4K@0x100000:5', 'bad_virtio_mmio_device_param'],
@@ -165,6 +238,20 @@ describe.skipIf(!hasKvm || !qemu)('probe virtio-blk driver on QEMU microvm', () 
     expect(blk?.fields).toMatchObject({ written: String(n), read: String(n), ok: '1', flush: '0' });
     console.log(`[probe-virtio] qemu: ${res.output.split(/\r?\n/).find((l) => l.startsWith('PROBE blk '))}`);
     checkImage(file, seed, start, n);
+  }, 60_000);
+
+  it('blkbench write (verify) on virtio-blk-device: the host sees the pattern in every sector', async () => {
+    const file = image('qemu-bench.img');
+    const seed = 0x600dn;
+    const res = await runQemuProbe({
+      test: 'blkbench', params: { 'blk.mode': 'write', 'blk.req': 65536, 'blk.bytes': 2 * MiB, 'blk.depth': 8, 'blk.verify': 1, 'blk.seed': `0x${seed.toString(16)}` },
+      extraArgs: ['-global', 'virtio-mmio.force-legacy=false', '-drive', `file=${file},format=raw,if=none,id=d0`, '-device', 'virtio-blk-device,drive=d0'],
+      timeoutMs: 30_000,
+    });
+    const bench = res.probe.lines.find((l) => l.test === 'blkbench');
+    expect(res.exitStatus, res.output).toBe(0);
+    expect(bench?.fields).toMatchObject({ mode: 'write', requests: '32', depth: '8', ok: '1' });
+    checkImage(file, seed, 0, 2048);
   }, 60_000);
 
   it('read-only drive (readonly=on): the write comes back IOERR, the image is untouched', async () => {

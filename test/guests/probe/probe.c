@@ -454,6 +454,7 @@ void probe_main(void)
     if (streq(test, "mmio")) loop_test("mmio", user_mmio);
     if (streq(test, "timer")) test_timer();
     if (streq(test, "blk")) test_blk();
+    if (streq(test, "blkbench")) test_blkbench();
     if (streq(test, "rng")) test_rng();
     puts("PROBE error unknown_test="); puts(test); puts("\n");
     finish(2);

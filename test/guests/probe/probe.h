@@ -67,6 +67,7 @@ extern volatile u64 user_fault_vector;
 
 /* Tests in their own files. */
 void test_blk(void);     /* blk.c */
+void test_blkbench(void);  /* blk.c: probe.test=blkbench */
 void test_rng(void);     /* rng.c */
 void test_net(void);     /* net.c */
 #endif
