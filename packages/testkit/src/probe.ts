@@ -175,14 +175,17 @@ interface Spawned {
   timedOut: boolean;
 }
 
-function run(cmd: string, args: string[], timeoutMs: number): Promise<Spawned> {
+function run(cmd: string, args: string[], timeoutMs: number, onStdout?: (chunk: string) => void): Promise<Spawned> {
   return new Promise((resolvePromise, reject) => {
     const t0 = performance.now();
     const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
     let timedOut = false;
-    child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
+    child.stdout.setEncoding('utf8').on('data', (d: string) => {
+      stdout += d;
+      onStdout?.(d);
+    });
     child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
     const timer = setTimeout(() => {
       timedOut = true;
@@ -214,6 +217,8 @@ export interface QemuProbeOptions extends RootOptions {
   qemu?: string;
   /** Extra QEMU arguments. */
   extraArgs?: string[];
+  /** Called with each chunk of QEMU's stdout (the guest's serial output) as it arrives. */
+  onOutput?: (chunk: string) => void;
   /** Runs QEMU under this command prefix, e.g. `TestNetns.wrap` (`ip netns exec <ns>`) for a TAP inside a namespace. */
   wrap?: string[];
 }
@@ -248,7 +253,7 @@ export async function runQemuProbe(opts: QemuProbeOptions): Promise<QemuProbeRes
   const args = [...qemuProbeArgs(elf, probeCmdline(opts.test, opts.params), opts.cpus ?? 1, opts.memory ?? 64), ...(opts.extraArgs ?? [])];
   const timeoutMs = opts.timeoutMs ?? 60_000;
   const wrap = opts.wrap ?? [];
-  const r = wrap.length > 0 ? await run(wrap[0]!, [...wrap.slice(1), qemu, ...args], timeoutMs) : await run(qemu, args, timeoutMs);
+  const r = wrap.length > 0 ? await run(wrap[0]!, [...wrap.slice(1), qemu, ...args], timeoutMs, opts.onOutput) : await run(qemu, args, timeoutMs, opts.onOutput);
   const output = r.stdout + r.stderr;
   if (r.timedOut) {
     throw new KvmkitError('KVMKIT_ERR_TIMEOUT', `probe ${opts.test} on QEMU did not finish within ${timeoutMs} ms`, { details: { output, args } });
@@ -400,7 +405,7 @@ s.on('message', (m) => {
   if (seen[seq]) { dup++; return; }
   seen[seq] = 1; received++; bytes += m.length; if (seq < maxSeq) ooo++; else maxSeq = seq;
 });
-s.bind(o.port, o.address, () => process.stdout.write(JSON.stringify({ ready: true, rcvbuf: s.getRecvBufferSize() }) + '\\n'));
+s.bind(o.port, o.address || '0.0.0.0', () => process.stdout.write(JSON.stringify({ ready: true, rcvbuf: s.getRecvBufferSize() }) + '\\n'));
 const end = () => { process.stdout.write(JSON.stringify({ received, bad, dup, bytes, outOfOrder: ooo, ms: Number(last - first) / 1e6 }) + '\\n'); process.exit(0); };
 process.stdin.on('end', end); process.stdin.resume(); process.on('SIGTERM', end);
 `;
@@ -489,7 +494,7 @@ function spawnLines(argv: string[], stdin: boolean) {
 }
 
 /**
- * Starts a UDP receiver inside `ns` bound to address:port that checks the probe payload (seq < count, pattern,
+ * Starts a UDP receiver inside `ns` bound to address:port (address '' = any: the address may not exist yet) that checks the probe payload (seq < count, pattern,
  * `size` when given). Resolves once the socket is bound.
  */
 export async function startNetnsUdpReceiver(ns: TestNetns, o: { address: string; port: number; count: number; size?: number; rcvbuf?: number }): Promise<UdpReceiver> {

@@ -456,6 +456,7 @@ void probe_main(void)
     if (streq(test, "blk")) test_blk();
     if (streq(test, "blkbench")) test_blkbench();
     if (streq(test, "rng")) test_rng();
+    if (streq(test, "net")) test_net();
     puts("PROBE error unknown_test="); puts(test); puts("\n");
     finish(2);
 }
