@@ -151,11 +151,13 @@ describe.skipIf(!!why)('virtio-net mid-traffic across snapshot → restore in a 
       expect(await p.take()).toEqual([]); // the source never sent T48..63
 
       const cases = [
-        { path: s0, mode: 'eager', driver: st2.drv0, rxUsed: 32, txUsed: 16, held: 32, pendingTx: range(16, 32), linkUp: true },
-        { path: s0, mode: 'lazy', driver: st2.drv0, rxUsed: 32, txUsed: 16, held: 32, pendingTx: range(16, 32), linkUp: true },
-        { path: s1, mode: 'eager', driver: st4.drv1, rxUsed: 40, txUsed: 48, held: 40, pendingTx: range(48, 64), linkUp: true },
-        { path: s1, mode: 'lazy', driver: st4.drv1, rxUsed: 40, txUsed: 48, held: 40, pendingTx: range(48, 64), linkUp: true },
-        { path: s2, mode: 'lazy', driver: st4.drv1, rxUsed: 40, txUsed: 48, held: 40, pendingTx: range(48, 64), linkUp: false },
+        { path: s0, mode: 'eager', driver: st2.drv0, rxUsed: 32, rxAvail: 32, txUsed: 16, held: 32, pendingTx: range(16, 32), linkUp: true },
+        { path: s0, mode: 'lazy', driver: st2.drv0, rxUsed: 32, rxAvail: 32, txUsed: 16, held: 32, pendingTx: range(16, 32), linkUp: true },
+        { path: s1, mode: 'eager', driver: st4.drv1, rxUsed: 40, rxAvail: 40, txUsed: 48, held: 40, pendingTx: range(48, 64), linkUp: true },
+        { path: s1, mode: 'lazy', driver: st4.drv1, rxUsed: 40, rxAvail: 40, txUsed: 48, held: 40, pendingTx: range(48, 64), linkUp: true },
+        // the tip of the chain: link down, 4 RX buffers available but not used yet
+        { path: s2, mode: 'eager', driver: st4.drv2, rxUsed: 40, rxAvail: 44, txUsed: 48, held: 40, pendingTx: range(48, 64), linkUp: false },
+        { path: s2, mode: 'lazy', driver: st4.drv2, rxUsed: 40, rxAvail: 44, txUsed: 48, held: 40, pendingTx: range(48, 64), linkUp: false },
       ];
       for (const [k, cs] of cases.entries()) {
         const what = `${cs.path.slice(-7)} ${cs.mode}`;
@@ -167,7 +169,7 @@ describe.skipIf(!!why)('virtio-net mid-traffic across snapshot → restore in a 
           // Before the device runs: rings exactly as the device left them, the held frame restored, the TAP
           // (same name, re-attached by config) not yet taking frames, the saved MAC (not this VM's default) and link.
           expect(at, what).toMatchObject({
-            transportPaused: true, rxUsed: cs.rxUsed, txUsed: cs.txUsed, rxHeld: 1, tap: TAP, multiQueue: true, tapAttached: false,
+            transportPaused: true, rxUsed: cs.rxUsed, rxAvail: cs.rxAvail, txUsed: cs.txUsed, rxHeld: 1, tap: TAP, multiQueue: true, tapAttached: false,
             mac: GUEST_MAC, config: { mac: GUEST_MAC, linkUp: cs.linkUp },
           });
           const res = await r.step((o) => o.step === 'resumed');
