@@ -3,8 +3,6 @@ import { resolve } from 'node:path';
 import { isKvmkitError } from '@kvmkit/kernel';
 import { parseCli, USAGE, type CliArgs } from './args.js';
 import { CONFIG_HELP, CONTROL_HELP, DOCTOR_HELP, MAIN_HELP, RUN_HELP } from './help.js';
-import { runControl } from './control.js';
-import { formatDoctor, runDoctor } from './doctor.js';
 import { jsonReplacer, planConfig, planRun, planToJson } from './plan.js';
 import { runPlan, type RunIo } from './run.js';
 
@@ -87,6 +85,8 @@ export async function main(argv: string[], io: CliIo = defaultIo()): Promise<num
           io.stdout(DOCTOR_HELP);
           return 0;
         }
+        // Loaded per command (start-up of `run`): doctor.js, control.js and @kvmkit/control.
+        const { formatDoctor, runDoctor } = await import('./doctor.js');
         const r = await runDoctor({ cwd: io.cwd });
         io.stdout(args.json ? `${JSON.stringify(r, jsonReplacer, 2)}\n` : formatDoctor(r));
         return r.usable ? 0 : 1;
@@ -101,6 +101,7 @@ export async function main(argv: string[], io: CliIo = defaultIo()): Promise<num
           io.stdout(CONTROL_HELP);
           return 0;
         }
+        const { runControl } = await import('./control.js');
         const result = await runControl(args, io.cwd);
         io.stdout(`${JSON.stringify(result, jsonReplacer, args.json ? 2 : undefined)}\n`);
         return 0;

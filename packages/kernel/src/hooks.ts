@@ -1,4 +1,5 @@
-import tapable from 'tapable';
+import { createRequire } from 'node:module';
+import type * as Tapable from 'tapable';
 import type { AsyncSeriesHook as AsyncSeriesHookT, AsyncSeriesBailHook as AsyncSeriesBailHookT, SyncHook as SyncHookT, SyncWaterfallHook as SyncWaterfallHookT, SyncBailHook as SyncBailHookT, HookMap as HookMapT } from 'tapable';
 import type { MachineConfig, MemoryLayout, LayoutRange } from './config.js';
 import type { GuestMemory } from './memory.js';
@@ -6,7 +7,14 @@ import type { CpuidEntry, VcpuBootState } from './kvm/types.js';
 import type { VcpuExit, ExitAction } from './exits.js';
 import type { KvmkitError } from './errors.js';
 
-const { AsyncSeriesHook, AsyncSeriesBailHook, SyncHook, SyncWaterfallHook, SyncBailHook, HookMap } = tapable;
+// The six hook classes used, each from its own file: tapable's index loads all twelve (start-up).
+const requireTapable = createRequire(import.meta.url);
+const AsyncSeriesHook = requireTapable('tapable/lib/AsyncSeriesHook.js') as typeof Tapable.AsyncSeriesHook;
+const AsyncSeriesBailHook = requireTapable('tapable/lib/AsyncSeriesBailHook.js') as typeof Tapable.AsyncSeriesBailHook;
+const SyncHook = requireTapable('tapable/lib/SyncHook.js') as typeof Tapable.SyncHook;
+const SyncWaterfallHook = requireTapable('tapable/lib/SyncWaterfallHook.js') as typeof Tapable.SyncWaterfallHook;
+const SyncBailHook = requireTapable('tapable/lib/SyncBailHook.js') as typeof Tapable.SyncBailHook;
+const HookMap = requireTapable('tapable/lib/HookMap.js') as typeof Tapable.HookMap;
 
 // Forward declarations kept structural so hooks.ts has no runtime import cycle.
 import type { Vm } from './kvm/vm.js';
