@@ -1,7 +1,7 @@
 /*
  * Probe guest: a tiny long-mode program for kvmkit tests and benchmarks.
  *
- * Cmdline: probe.test=<hello|pio|mmio|smp|timer|exit|fault|blk> [probe.iters=N] [probe.ring=0|3]
+ * Cmdline: probe.test=<hello|pio|mmio|smp|timer|exit|fault|blk|rng|net> [probe.iters=N] [probe.ring=0|3]
  *          [probe.status=N] [probe.ms=N] [probe.period=N] [probe.tsc=pit]
  * Output (16550 UART at 0x3f8): "PROBE <test> key=value ..." lines, then
  * "PROBE DONE status=N", then `out 0xf4` with N (0 = pass). An unexpected exception
