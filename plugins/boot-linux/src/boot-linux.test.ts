@@ -148,10 +148,10 @@ describe.skipIf(!haveKernels)('boot-linux with the guest kernels', () => {
     return b;
   };
 
-  it('bzImage: zero page, e820, initrd, cmdline, page tables, long-mode registers, MP table', async () => {
+  it('bzImage (guest decompression): zero page, e820, initrd, cmdline, page tables, long-mode registers, MP table', async () => {
     const cmdline = 'console=ttyS0 panic=-1 foo=bar';
     const ctx = ctxFor(128, 2, cmdline);
-    const r = await boot({ kernel: gk!.bzImage!, initrd: gk!.initrd! }, ctx);
+    const r = await boot({ kernel: gk!.bzImage!, initrd: gk!.initrd!, decompress: 'guest' }, ctx);
     expect(r?.loader).toBe('linux-bzimage');
     expect(r?.vcpus).toHaveLength(1);
     const mem = ctx.memory;
@@ -364,7 +364,9 @@ describe('options', () => {
     expect(v({ kernel: 'k', format: 'uimage' })).toThrow(/format/);
     expect(v({ kernel: 'k', initrd: 3 })).toThrow(/initrd/);
     expect(v({ kernel: 'k', bogus: 1 })).toThrow(/unknown option bogus/);
-    expect(v({ kernel: 'k', initrd: 'i', cmdline: 'c', format: 'auto' })).not.toThrow();
+    expect(v({ kernel: 'k', decompress: 'gpu' })).toThrow(/decompress/);
+    expect(v({ kernel: 'k', initrd: 'i', cmdline: 'c', format: 'auto', decompress: 'host' })).not.toThrow();
+    expect(v({ kernel: 'k', decompress: 'guest' })).not.toThrow();
     const p = bootLinux({ kernel: 'k' });
     expect(p).toMatchObject({ name: 'boot-linux', provides: ['firmware'] });
   });

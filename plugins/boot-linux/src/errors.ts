@@ -15,6 +15,8 @@ export const BootLinuxErrors = {
   INITRD: 'KVMKIT_ERR_BOOT_LINUX_INITRD',
   /** The command line is longer than the kernel accepts. details: { length, max } */
   CMDLINE: 'KVMKIT_ERR_BOOT_LINUX_CMDLINE',
+  /** Host decompression of a bzImage payload failed: corrupt/truncated data, unsupported format or filter, output larger than RAM. details: { format, reason, … } */
+  DECOMPRESS: 'KVMKIT_ERR_BOOT_DECOMPRESS',
 } as const;
 
 /** Reasons carried in `details.reason` of KVMKIT_ERR_IMAGE. */

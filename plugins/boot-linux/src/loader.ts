@@ -2,9 +2,25 @@ import { KvmkitError, type GuestMemory, type MemoryLayout, type VcpuBootState, t
 import { BootLinuxErrors, hex, imageError } from './errors.js';
 import { parseBzImage, looksLikeBzImage, HDR, LOADED_HIGH, CAN_USE_HEAP, ENTRY64_OFFSET, type BzImageInfo } from './bzimage.js';
 import { parsePvhElf, looksLikeElf, type PvhElfInfo } from './elf.js';
+import { decompressPayload, findPayload, parseVmlinux, payloadFormat, HOST_FORMATS, type PayloadFormat, type VmlinuxInfo } from './payload.js';
 import { ADDR, buildE820, lowRamTop, writeGdt, writeIdentityPageTables, writeBda, writeMpTable, type E820Entry } from './tables.js';
 
 export type KernelFormat = 'auto' | 'bzimage' | 'pvh';
+/** Where a bzImage's compressed kernel is decompressed: by its own code in the guest, or here on the host. */
+export type DecompressMode = 'guest' | 'host' | 'auto';
+
+/** What happened to a bzImage payload. */
+export interface DecompressInfo {
+  /** 'host': decompressed here and entered at the ELF entry; 'guest': the bzImage's own decompressor runs. */
+  mode: 'host' | 'guest';
+  format: PayloadFormat;
+  /** Why 'auto' chose guest decompression. */
+  reason?: string;
+  compressedBytes: number;
+  /** Host mode: decompressed ELF size and the time the decompression took. */
+  decompressedBytes?: number;
+  ms?: number;
+}
 
 export interface LoadLinuxInput {
   memory: GuestMemory;
@@ -18,6 +34,8 @@ export interface LoadLinuxInput {
   initrd?: Uint8Array;
   initrdPath?: string;
   format?: KernelFormat;
+  /** bzImage only (default 'auto': host when the payload is gzip or xz, else guest). */
+  decompress?: DecompressMode;
 }
 
 export interface LoadLinuxResult {
@@ -32,6 +50,8 @@ export interface LoadLinuxResult {
   bootInfo: number;
   mptable: number;
   e820: E820Entry[];
+  /** bzImage: how its payload was decompressed. */
+  decompress?: DecompressInfo;
 }
 
 /** x86 COMMAND_LINE_SIZE is 2048 including the NUL; PVH has no header saying so. */
@@ -44,6 +64,8 @@ const BP_E820_TABLE = 0x2d0;
 const BP_EXT_RAMDISK_IMAGE = 0x0c0;
 const BP_EXT_RAMDISK_SIZE = 0x0c4;
 const BP_EXT_CMD_LINE_PTR = 0x0c8;
+/** loadflags bit the decompressor sets when it randomized the kernel's address (it never is, here). */
+const KASLR_FLAG = 0x02;
 const PAGE = 0x1000n;
 const FOUR_GIB = 1n << 32n;
 
@@ -145,33 +167,132 @@ function baseRegs(): Regs {
 }
 
 function loadBzImage(input: LoadLinuxInput, info: BzImageInfo, top: bigint, cmd: Uint8Array): LoadLinuxResult {
-  const mem = input.memory;
   checkCmdline(cmd, info.cmdlineSize);
+  const mode = input.decompress ?? 'auto';
+  const payload = findPayloadFor(input, info, mode);
+  const format = payload ? payloadFormat(payload) : 'unknown';
+  if (mode === 'host' || (mode === 'auto' && payload && HOST_FORMATS.includes(format))) {
+    return loadBzImageHost(input, info, top, cmd, payload!, format);
+  }
+  const reason = !payload ? 'the setup header has no usable payload_offset/payload_length'
+    : `the payload is ${format === 'unknown' ? 'in an unknown format' : `${format}-compressed`} (host decompression supports ${HOST_FORMATS.join(', ')})`;
+  const decompress: DecompressInfo = { mode: 'guest', format, compressedBytes: payload?.byteLength ?? 0, ...(mode === 'auto' ? { reason } : { reason: "decompress: 'guest'" }) };
+  return { ...loadBzImageGuest(input, info, top, cmd), decompress };
+}
+
+/** The payload, or undefined in 'auto'/'guest' mode when the header does not describe one ('host' throws). */
+function findPayloadFor(input: LoadLinuxInput, info: BzImageInfo, mode: DecompressMode): Uint8Array | undefined {
+  try {
+    return findPayload(input.kernel, info.kernelOffset, info.kernelSize, info.version, input.kernelPath);
+  } catch (e) {
+    if (mode === 'host') throw e;
+    return undefined;
+  }
+}
+
+/** The 64-bit boot protocol: the protected-mode kernel at pref_address, entered at its startup_64 (+0x200). */
+function loadBzImageGuest(input: LoadLinuxInput, info: BzImageInfo, top: bigint, cmd: Uint8Array): LoadLinuxResult {
+  const mem = input.memory;
   // Load at pref_address: a non-relocatable kernel must run there, a relocatable one prefers it, and the
   // decompressor works in [pref_address, pref_address + init_size) in both cases.
-  const load = info.prefAddress;
-  if (info.relocatable && load % BigInt(info.kernelAlignment) !== 0n) {
-    throw imageError(input.kernelPath, 'bad-header', `pref_address ${hex(load)} is not aligned to kernel_alignment ${hex(info.kernelAlignment)}`);
-  }
+  const load = checkedPrefAddress(input, info);
   const end = load + BigInt(Math.max(info.initSize, info.kernelSize));
   kernelFits(input, load, end, top);
   const initrdAddr = placeInitrd(input, end, BigInt(info.initrdAddrMax) + 1n, top);
-  const e820 = buildE820(input.layout);
-  if (e820.length > E820_MAX_ZEROPAGE) {
-    throw new KvmkitError('KVMKIT_ERR_MEMORY_LAYOUT', `the memory layout has ${e820.length} e820 entries; the zero page holds ${E820_MAX_ZEROPAGE}`);
-  }
+  const e820 = checkedE820(input);
 
   // All checks passed: write.
   const { mptable, gdt } = writeCommon(input, cmd, true);
   const cr3 = writeIdentityPageTables(mem);
   mem.write(load, input.kernel.subarray(info.kernelOffset, info.kernelOffset + info.kernelSize));
   if (input.initrd && initrdAddr !== undefined) mem.write(initrdAddr, input.initrd);
+  writeZeroPage(input, info, load, initrdAddr, e820);
+  const entry = load + BigInt(ENTRY64_OFFSET);
+  return {
+    loader: 'linux-bzimage',
+    bsp: longModeBsp(entry, gdt, cr3),
+    kernel: { start: load, end, entry },
+    ...(initrdAddr !== undefined ? { initrd: { addr: initrdAddr, size: input.initrd!.byteLength } } : {}),
+    cmdline: { addr: ADDR.cmdline, length: cmd.length },
+    bootInfo: ADDR.zeroPage,
+    mptable,
+    e820,
+  };
+}
 
+/**
+ * Host decompression: what arch/x86/boot/compressed (extract_kernel → parse_elf) would hand over. The
+ * decompressor's output buffer is LOAD_PHYSICAL_ADDR (= pref_address) for a non-relocatable kernel, and for a
+ * relocatable one when it stays at pref_address without KASLR; it then copies each PT_LOAD to
+ * output + (p_paddr - LOAD_PHYSICAL_ADDR) = p_paddr, and needs no relocations on x86-64 (they only apply
+ * a KASLR virtual offset). It jumps to output + (e_entry - LOAD_PHYSICAL_ADDR) = e_entry in long mode with
+ * RSI = boot_params. We do the same; KASLR is not applied (the kernel sees KASLR_FLAG clear, as with nokaslr).
+ */
+function loadBzImageHost(input: LoadLinuxInput, info: BzImageInfo, top: bigint, cmd: Uint8Array, payload: Uint8Array, format: PayloadFormat): LoadLinuxResult {
+  const mem = input.memory;
+  const load = checkedPrefAddress(input, info);
+  const maxOut = Number(top > BigInt(Number.MAX_SAFE_INTEGER) ? BigInt(Number.MAX_SAFE_INTEGER) : top);
+  // Raises KVMKIT_ERR_BOOT_DECOMPRESS naming the format when it is not gzip/xz; output capped by low RAM.
+  const d = decompressPayload(payload, Math.min(maxOut, 0x7fff_ffff), input.kernelPath);
+  const elf: VmlinuxInfo = parseVmlinux(d.data, input.kernelPath);
+  if (elf.low !== load) {
+    // Loading elsewhere than the link address would need the decompressor's relocation pass (handle_relocations
+    // for a KASLR offset) or a different output buffer: refuse rather than guess.
+    throw imageError(input.kernelPath, 'bad-segment', `the decompressed kernel's first segment is at ${hex(elf.low)}, but pref_address (LOAD_PHYSICAL_ADDR) is ${hex(load)}: host decompression only places a kernel at its link address (use decompress: 'guest')`, {
+      low: hex(elf.low),
+      prefAddress: hex(load),
+    });
+  }
+  for (const s of elf.segments) kernelFits(input, s.paddr, s.paddr + BigInt(s.memsz), top);
+  const end = elf.high;
+  const initrdAddr = placeInitrd(input, end, BigInt(info.initrdAddrMax) + 1n, top);
+  const e820 = checkedE820(input);
+
+  const { mptable, gdt } = writeCommon(input, cmd, true);
+  const cr3 = writeIdentityPageTables(mem);
+  for (const s of elf.segments) {
+    mem.write(s.paddr, d.data.subarray(s.offset, s.offset + s.filesz));
+    if (s.memsz > s.filesz) mem.fill(s.paddr + BigInt(s.filesz), s.memsz - s.filesz, 0);
+  }
+  if (input.initrd && initrdAddr !== undefined) mem.write(initrdAddr, input.initrd);
+  writeZeroPage(input, info, load, initrdAddr, e820);
+  return {
+    loader: 'linux-bzimage',
+    bsp: longModeBsp(elf.entry, gdt, cr3),
+    kernel: { start: elf.low, end, entry: elf.entry },
+    ...(initrdAddr !== undefined ? { initrd: { addr: initrdAddr, size: input.initrd!.byteLength } } : {}),
+    cmdline: { addr: ADDR.cmdline, length: cmd.length },
+    bootInfo: ADDR.zeroPage,
+    mptable,
+    e820,
+    decompress: { mode: 'host', format, compressedBytes: payload.byteLength, decompressedBytes: d.data.byteLength, ms: d.ms },
+  };
+}
+
+function checkedPrefAddress(input: LoadLinuxInput, info: BzImageInfo): bigint {
+  const load = info.prefAddress;
+  if (info.relocatable && load % BigInt(info.kernelAlignment) !== 0n) {
+    throw imageError(input.kernelPath, 'bad-header', `pref_address ${hex(load)} is not aligned to kernel_alignment ${hex(info.kernelAlignment)}`);
+  }
+  return load;
+}
+
+function checkedE820(input: LoadLinuxInput): E820Entry[] {
+  const e820 = buildE820(input.layout);
+  if (e820.length > E820_MAX_ZEROPAGE) {
+    throw new KvmkitError('KVMKIT_ERR_MEMORY_LAYOUT', `the memory layout has ${e820.length} e820 entries; the zero page holds ${E820_MAX_ZEROPAGE}`);
+  }
+  return e820;
+}
+
+/** boot_params as the 64-bit boot protocol fills it (the same for both decompression modes). */
+function writeZeroPage(input: LoadLinuxInput, info: BzImageInfo, load: bigint, initrdAddr: bigint | undefined, e820: E820Entry[]): void {
+  const mem = input.memory;
   const zp = ADDR.zeroPage;
   mem.fill(zp, 0x1000, 0);
   mem.write(zp + HDR.setup_sects, info.header);
   mem.writeU8(zp + HDR.type_of_loader, 0xff);
-  mem.writeU8(zp + HDR.loadflags, info.loadflags | LOADED_HIGH | CAN_USE_HEAP);
+  mem.writeU8(zp + HDR.loadflags, (info.loadflags | LOADED_HIGH | CAN_USE_HEAP) & ~KASLR_FLAG);
   mem.writeU16(zp + HDR.heap_end_ptr, 0xfe00 - 0x200);
   mem.writeU32(zp + HDR.code32_start, Number(load));
   mem.writeU32(zp + HDR.cmd_line_ptr, ADDR.cmdline);
@@ -187,24 +308,17 @@ function loadBzImage(input: LoadLinuxInput, info: BzImageInfo, top: bigint, cmd:
     mem.writeU64(a + 8, e.size);
     mem.writeU32(a + 16, e.type);
   });
+}
 
-  const entry = load + BigInt(ENTRY64_OFFSET);
-  const regs: Regs = { ...baseRegs(), rip: entry, rsi: BigInt(zp), rsp: BigInt(ADDR.stack), rbp: BigInt(ADDR.stack) };
+/** 64-bit entry: long mode, identity paging, flat __BOOT_CS/__BOOT_DS, RSI = zero page. */
+function longModeBsp(entry: bigint, gdt: ReturnType<typeof writeGdt>, cr3: bigint): VcpuBootState {
+  const regs: Regs = { ...baseRegs(), rip: entry, rsi: BigInt(ADDR.zeroPage), rsp: BigInt(ADDR.stack), rbp: BigInt(ADDR.stack) };
   const sregs: Partial<Sregs> = {
     cs: gdt.cs, ds: gdt.ds, es: gdt.ds, fs: gdt.ds, gs: gdt.ds, ss: gdt.ds, tr: gdt.tr,
     gdt: gdt.gdt, idt: gdt.idt,
     cr0: CR0_PE | CR0_ET | CR0_PG, cr3, cr4: CR4_PAE, efer: EFER_LME | EFER_LMA,
   };
-  return {
-    loader: 'linux-bzimage',
-    bsp: { regs, sregs },
-    kernel: { start: load, end, entry },
-    ...(initrdAddr !== undefined ? { initrd: { addr: initrdAddr, size: input.initrd!.byteLength } } : {}),
-    cmdline: { addr: ADDR.cmdline, length: cmd.length },
-    bootInfo: zp,
-    mptable,
-    e820,
-  };
+  return { regs, sregs };
 }
 
 function loadPvh(input: LoadLinuxInput, info: PvhElfInfo, top: bigint, cmd: Uint8Array): LoadLinuxResult {
