@@ -10,7 +10,7 @@ const body = (): SnapshotBody => ({
   kind: 'diff', created: 'now', parent: { path: 'p.snap', sha256: 'ab'.repeat(32) },
   config: { name: 'x', memory: 1, cpus: 1, plugins: [] },
   host: { arch: 'x64', cpuVendor: 'GenuineIntel', cpuFamily: 6, cpuModel: 85, kernelRelease: '6' },
-  memory: { file: 'x.mem', size: 8192, sha256: '00', pageSize: 4096, ranges: [{ gpa: 0n, size: 1 << 20, offset: 0, pages: new Uint8Array(new Uint32Array([3, 7]).buffer) }] },
+  memory: { file: 'x.mem', size: 8192, sha256: '00', hash: 'sha256-tree-64k', pageSize: 4096, ranges: [{ gpa: 0n, size: 1 << 20, offset: 0, pages: new Uint8Array(new Uint32Array([3, 7]).buffer) }] },
   sections: [['kernel', { version: 1, data: { big: 5n, bytes: new Uint8Array([1, 2]) } }]],
 });
 

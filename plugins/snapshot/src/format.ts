@@ -7,7 +7,17 @@ import { snapErr, ioErr } from './errors.js';
 
 /** "KVMKSNAP" */
 export const STATE_MAGIC = Buffer.from('KVMKSNAP', 'latin1');
-export const FORMAT_VERSION = 1;
+/**
+ * 2: the memory checksum is a sha256 tree over 64 KiB leaves (`memory.hash: 'sha256-tree-64k'`).
+ * 1: a flat sha256 of the memory file (no `memory.hash`); still read.
+ */
+export const FORMAT_VERSION = 2;
+export const READABLE_VERSIONS: readonly number[] = [1, 2];
+
+/** The memory checksum algorithms: 'sha256' (format 1: sha256 of the file) and 'sha256-tree-64k' (format 2). */
+export type MemoryHash = 'sha256' | 'sha256-tree-64k';
+/** What this version writes. */
+export const MEMORY_HASH: MemoryHash = 'sha256-tree-64k';
 /** magic(8) version u32(4) flags u32(4) bodyLength u64(8) sha256(body)(32) */
 export const HEADER_SIZE = 56;
 export const PAGE = 4096;
@@ -46,7 +56,8 @@ export interface SnapshotBody {
   parent?: { path: string; sha256: string };
   config: ConfigSummary;
   host: HostInfo;
-  memory: { file: string; size: number; sha256: string; pageSize: number; ranges: MemoryRange[] };
+  /** `sha256` is the checksum by `hash` (format 1 files have no `hash`: read as 'sha256'). */
+  memory: { file: string; size: number; sha256: string; hash?: MemoryHash; pageSize: number; ranges: MemoryRange[] };
   sections: Array<[string, StateSection]>;
 }
 
@@ -54,6 +65,8 @@ export interface LoadedSnapshot {
   path: string;
   /** sha256 of the body: the snapshot's identity (diffs reference their parent by it). */
   sha256: string;
+  /** Format version of the file. */
+  version: number;
   body: SnapshotBody;
   /** Absolute path of the memory file. */
   memoryPath: string;
@@ -81,13 +94,13 @@ export function hostInfo(kvmPath?: string): HostInfo {
   }
 }
 
-/** Encodes header + body. */
-export function encodeStateFile(body: SnapshotBody): { bytes: Buffer; sha256: string } {
+/** Encodes header + body (`version`: tests write older versions). */
+export function encodeStateFile(body: SnapshotBody, version: number = FORMAT_VERSION): { bytes: Buffer; sha256: string } {
   const json = Buffer.from(encodeState(body), 'utf8');
   const sha = createHash('sha256').update(json).digest();
   const h = Buffer.alloc(HEADER_SIZE);
   STATE_MAGIC.copy(h, 0);
-  h.writeUInt32LE(FORMAT_VERSION, 8);
+  h.writeUInt32LE(version, 8);
   h.writeUInt32LE(0, 12);
   h.writeBigUInt64LE(BigInt(json.length), 16);
   sha.copy(h, 24);
@@ -111,8 +124,8 @@ export function readStateFile(path: string): LoadedSnapshot {
     }
     if (got < HEADER_SIZE) throw snapErr('KVMKIT_ERR_SNAPSHOT_TRUNCATED', `${path}: truncated header (${got} of ${HEADER_SIZE} bytes)`, { path, size });
     const version = h.readUInt32LE(8);
-    if (version !== FORMAT_VERSION) {
-      throw snapErr('KVMKIT_ERR_SNAPSHOT_VERSION', `${path}: snapshot format version ${version}; this kvmkit reads version ${FORMAT_VERSION}`, { path, version });
+    if (!READABLE_VERSIONS.includes(version)) {
+      throw snapErr('KVMKIT_ERR_SNAPSHOT_VERSION', `${path}: snapshot format version ${version}; this kvmkit reads versions ${READABLE_VERSIONS.join(', ')}`, { path, version });
     }
     const len = Number(h.readBigUInt64LE(16));
     if (size !== HEADER_SIZE + len) {
@@ -135,14 +148,14 @@ export function readStateFile(path: string): LoadedSnapshot {
     } catch (e) {
       throw snapErr('KVMKIT_ERR_SNAPSHOT_FORMAT', `${path}: body is not valid JSON: ${(e as Error).message}`, { path }, e);
     }
-    const b = checkBody(parsed, path);
-    return { path, sha256: sha.toString('hex'), body: b, memoryPath: join(dirname(path), b.memory.file) };
+    const b = checkBody(parsed, path, version);
+    return { path, sha256: sha.toString('hex'), version, body: b, memoryPath: join(dirname(path), b.memory.file) };
   } finally {
     closeSync(fd);
   }
 }
 
-function checkBody(x: unknown, path: string): SnapshotBody {
+function checkBody(x: unknown, path: string, version: number): SnapshotBody {
   const bad = (what: string) => snapErr('KVMKIT_ERR_SNAPSHOT_FORMAT', `${path}: malformed snapshot body (${what})`, { path, what });
   if (!x || typeof x !== 'object') throw bad('not an object');
   const b = x as SnapshotBody;
@@ -154,6 +167,8 @@ function checkBody(x: unknown, path: string): SnapshotBody {
   if (!m || typeof m.file !== 'string' || basename(m.file) !== m.file || typeof m.size !== 'number' || typeof m.sha256 !== 'string' || m.pageSize !== PAGE || !Array.isArray(m.ranges)) {
     throw bad('memory');
   }
+  if (version === 1 ? m.hash !== undefined : m.hash !== 'sha256-tree-64k') throw bad('memory hash');
+  m.hash ??= 'sha256';
   let expect = 0;
   for (const r of m.ranges) {
     if (typeof r.gpa !== 'bigint' || !Number.isSafeInteger(r.size) || r.size <= 0 || r.size % PAGE !== 0 || r.offset !== expect) throw bad('memory range');

@@ -6,12 +6,13 @@ export { restore, restorePlugin, loadChain, checkCompatible } from './restore.js
 export type { RestoreOptions, RestoreInfo, RestoreMachineOptions } from './restore.js';
 export { mergeSnapshots } from './merge.js';
 export type { MergeResult } from './merge.js';
-export { readStateFile, encodeStateFile, hostInfo, writeFileAtomic, fsyncDir, STATE_MAGIC, FORMAT_VERSION, HEADER_SIZE, PAGE } from './format.js';
-export type { SnapshotBody, LoadedSnapshot, HostInfo, ConfigSummary, MemoryRange } from './format.js';
+export { readStateFile, encodeStateFile, hostInfo, writeFileAtomic, fsyncDir, STATE_MAGIC, FORMAT_VERSION, READABLE_VERSIONS, MEMORY_HASH, HEADER_SIZE, PAGE } from './format.js';
+export type { SnapshotBody, LoadedSnapshot, HostInfo, ConfigSummary, MemoryRange, MemoryHash } from './format.js';
 export { SnapshotErrorCodes, snapErr } from './errors.js';
 export type { SnapshotErrorCode } from './errors.js';
 export { statefulMachine, requireStateful, findSnapshotStrategy } from './machine.js';
 export type { StatefulMachine } from './machine.js';
 export { Progress } from './progress.js';
 export type { ProgressInfo, ProgressCallback } from './progress.js';
-export { bitmapPages } from './memfile.js';
+export { bitmapPages, TreeHash, memoryHasher } from './memfile.js';
+export type { Hasher } from './memfile.js';

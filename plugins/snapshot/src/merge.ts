@@ -1,9 +1,8 @@
-import { createHash } from 'node:crypto';
 import { openSync, closeSync, writeSync, fsyncSync, ftruncateSync, renameSync, unlinkSync } from 'node:fs';
 import { basename, dirname, resolve } from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { encodeStateFile, writeFileAtomic, tmpName, fsyncDir, PAGE, type SnapshotBody, type MemoryRange } from './format.js';
-import { readFullMemory, applyDiffMemory } from './memfile.js';
+import { encodeStateFile, writeFileAtomic, tmpName, fsyncDir, PAGE, MEMORY_HASH, type SnapshotBody, type MemoryRange } from './format.js';
+import { readFullMemory, applyDiffMemory, TreeHash } from './memfile.js';
 import { loadChain } from './restore.js';
 import { ioErr } from './errors.js';
 
@@ -27,12 +26,12 @@ export function mergeSnapshots(tip: string, out: string): MergeResult {
   const ranges = base.body.memory.ranges;
   // Materialize memory range by range in host buffers (a chain's memory fits in host RAM as the guest did).
   const bufs = ranges.map((r) => new Uint8Array(r.size));
-  readFullMemory(base.memoryPath, ranges, base.body.memory.size, base.body.memory.sha256, (i) => bufs[i]!);
-  for (const d of chain.slice(1)) applyDiffMemory(d.memoryPath, d.body.memory.ranges, d.body.memory.size, d.body.memory.sha256, (i) => bufs[i]!);
+  readFullMemory(base.memoryPath, ranges, base.body.memory.size, base.body.memory.sha256, base.body.memory.hash ?? 'sha256', (i) => bufs[i]!);
+  for (const d of chain.slice(1)) applyDiffMemory(d.memoryPath, d.body.memory.ranges, d.body.memory.size, d.body.memory.sha256, d.body.memory.hash ?? 'sha256', (i) => bufs[i]!);
   const memName = `${basename(outPath)}.${randomBytes(6).toString('hex')}.mem`;
   const memPath = resolve(dirname(outPath), memName);
   const tmp = tmpName(memPath);
-  const hash = createHash('sha256');
+  const hash = new TreeHash();
   const outRanges: MemoryRange[] = [];
   let pos = 0;
   let fd = -1;
@@ -63,7 +62,7 @@ export function mergeSnapshots(tip: string, out: string): MergeResult {
     created: new Date().toISOString(),
     config: last.body.config,
     host: last.body.host,
-    memory: { file: memName, size: pos, sha256: hash.digest('hex'), pageSize: PAGE, ranges: outRanges },
+    memory: { file: memName, size: pos, sha256: hash.digest(), hash: MEMORY_HASH, pageSize: PAGE, ranges: outRanges },
     sections: last.body.sections,
   };
   const { bytes, sha256 } = encodeStateFile(body);

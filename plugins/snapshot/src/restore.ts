@@ -1,9 +1,8 @@
 import { openSync, closeSync } from 'node:fs';
-import { createHash } from 'node:crypto';
 import { dirname, resolve } from 'node:path';
 import { Machine, ffi, KvmkitError, type MachineConfig, type Plugin, type Logger, type StateSection, type MemoryBacking } from '@kvmkit/kernel';
 import { readStateFile, hostInfo, type LoadedSnapshot, type HostInfo } from './format.js';
-import { readFullMemory, applyDiffMemory, checkMemorySize } from './memfile.js';
+import { readFullMemory, applyDiffMemory, checkMemorySize, memoryHasher } from './memfile.js';
 import { Progress, type ProgressCallback } from './progress.js';
 import { snapErr, ioErr } from './errors.js';
 import type { SnapshotApi } from './plugin.js';
@@ -170,20 +169,20 @@ export function restorePlugin(options: RestoreOptions, getMachine: () => Machine
         const base = chain[0]!;
         if (mode === 'eager') {
           const p = new Progress('restore memory', base.body.memory.size, options.onProgress, show);
-          readFullMemory(base.memoryPath, base.body.memory.ranges, base.body.memory.size, base.body.memory.sha256, view(base.body.memory.ranges), p);
+          readFullMemory(base.memoryPath, base.body.memory.ranges, base.body.memory.size, base.body.memory.sha256, base.body.memory.hash ?? 'sha256', view(base.body.memory.ranges), p);
           p.done();
           info.bytesRead += base.body.memory.size;
         } else if (options.verify === true) {
-          const h = createHash('sha256');
+          const h = memoryHasher(base.body.memory.hash ?? 'sha256');
           for (const [i] of base.body.memory.ranges.entries()) h.update(view(base.body.memory.ranges)(i));
-          const got = h.digest('hex');
+          const got = h.digest();
           if (got !== base.body.memory.sha256) {
             throw snapErr('KVMKIT_ERR_SNAPSHOT_CHECKSUM', `memory file ${base.memoryPath}: sha256 mismatch (file corrupt)`, { path: base.memoryPath, expected: base.body.memory.sha256, actual: got });
           }
           info.bytesRead += base.body.memory.size;
         }
         for (const d of chain.slice(1)) {
-          info.pages += applyDiffMemory(d.memoryPath, d.body.memory.ranges, d.body.memory.size, d.body.memory.sha256, view(d.body.memory.ranges));
+          info.pages += applyDiffMemory(d.memoryPath, d.body.memory.ranges, d.body.memory.size, d.body.memory.sha256, d.body.memory.hash ?? 'sha256', view(d.body.memory.ranges));
           info.bytesRead += d.body.memory.size;
         }
         const ts = performance.now();

@@ -1,4 +1,5 @@
 import { existsSync, unlinkSync } from 'node:fs';
+import { unlink } from 'node:fs/promises';
 import { dirname, basename, relative, resolve } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { KvmkitError, checkOptions, type Strategy, type MachineApi } from '@kvmkit/kernel';
@@ -95,6 +96,7 @@ async function takeSnapshot(kind: 'full' | 'diff', m0: MachineApi, raw: unknown,
   const t0 = performance.now();
   if (wasRunning) await m.pause();
   let pausedMs = 0;
+  let oldMem: string | undefined;
   try {
     const sections = await m.saveState();
     const regions = m.memory!.regions;
@@ -108,7 +110,7 @@ async function takeSnapshot(kind: 'full' | 'diff', m0: MachineApi, raw: unknown,
     if (kind === 'full') {
       const total = regions.reduce((s, r) => s + r.size, 0);
       const p = new Progress('snapshot memory', total, o.onProgress, o.progress ?? process.stderr.isTTY === true);
-      written = writeFullMemory(memPath, regions, p);
+      written = await writeFullMemory(memPath, regions, p);
       p.done();
       pages = total / PAGE;
     } else {
@@ -124,7 +126,7 @@ async function takeSnapshot(kind: 'full' | 'diff', m0: MachineApi, raw: unknown,
       ...(kind === 'diff' ? { parent: { path: relative(dirname(path), t.base!.path), sha256: t.base!.sha256 } } : {}),
       config: { name: m.config.name, memory: m.config.memory, cpus: m.config.cpus, plugins: [...m.plugins] },
       host: hostInfo(),
-      memory: { file: memName, size: written.size, sha256: written.sha256, pageSize: PAGE, ranges: written.ranges },
+      memory: { file: memName, size: written.size, sha256: written.sha256, hash: written.hash, pageSize: PAGE, ranges: written.ranges },
       sections: [...sections.entries()],
     };
     const { bytes, sha256 } = encodeStateFile(body);
@@ -134,9 +136,7 @@ async function takeSnapshot(kind: 'full' | 'diff', m0: MachineApi, raw: unknown,
       try { unlinkSync(memPath); } catch { /* gone */ }
       throw e;
     }
-    if (old && old !== memPath) {
-      try { unlinkSync(old); } catch { /* gone */ }
-    }
+    if (old && old !== memPath) oldMem = old;
     if (track) {
       t.base = { path, sha256 };
       for (const bm of t.pending.values()) bm.fill(0);
@@ -148,6 +148,9 @@ async function takeSnapshot(kind: 'full' | 'diff', m0: MachineApi, raw: unknown,
   } finally {
     if (then === 'resume' && m.state === 'paused') await m.resume();
     else if (then === 'stop') m.requestStop({ reason: 'user', exitCode: 0, message: 'stopped after snapshot' });
+    // The replaced snapshot's memory file goes once the guest runs again (freeing a big file's extents takes
+    // tens of ms here); in the thread pool, so the event loop keeps serving devices meanwhile.
+    if (oldMem) await unlink(oldMem).catch(() => { /* gone */ });
   }
 }
 
