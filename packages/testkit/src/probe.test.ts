@@ -1,4 +1,6 @@
-import { existsSync } from 'node:fs';
+import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import {
   decodeQemuExit,
@@ -9,6 +11,11 @@ import {
   runCfloorProbe,
   runQemuProbe,
   cfloorFlatGuestPath,
+  netnsUnavailable,
+  probeUdpPayload,
+  runNetnsUdpSender,
+  startNetnsUdpReceiver,
+  TestNetns,
 } from './probe.js';
 
 describe('parseProbeOutput', () => {
@@ -94,6 +101,9 @@ describe('probe guest tests on QEMU microvm', () => {
     expect(line.fields['ring']).toBe('3');
     expect(line.fields['iters']).toBe('200');
     expect(Number(line.fields['cycles_per_exit'])).toBeGreaterThan(0);
+    const tsc = await runQemuProbe({ test: 'tsc', params: { iters: 1000 } });
+    expect(tsc.exitStatus).toBe(0);
+    expect(Number(tsc.probe.lines.find((l) => l.test === 'tsc')!.fields['cycles_per_exit'])).toBeGreaterThan(0);
     const timer = await runQemuProbe({ test: 'timer', params: { ms: 100 } });
     expect(timer.exitStatus).toBe(0);
     expect(Number(timer.probe.lines.find((l) => l.test === 'timer')!.fields['ticks'])).toBeGreaterThan(0);
@@ -126,5 +136,52 @@ describe('cfloor', () => {
     expect(up.sort()).toEqual(['0', '1']);
     expect(r.probe.lines.at(-1)!.fields).toEqual({ cpus: '2', expected: '2' });
     expect(r.probe.done).toEqual({ status: 0 });
+  });
+});
+
+describe('probe UDP payload and netns helpers', () => {
+  it('probeUdpPayload: seq big endian, then (seq + i) & 0xff', () => {
+    const b = probeUdpPayload(0x01020304, 8);
+    expect([...b]).toEqual([1, 2, 3, 4, (0x01020304 + 4) & 0xff, (0x01020304 + 5) & 0xff, (0x01020304 + 6) & 0xff, (0x01020304 + 7) & 0xff]);
+    expect(probeUdpPayload(255, 300)[299]).toBe((255 + 299) & 0xff);
+  });
+
+  it.skipIf(!gcc)('runQemuProbe: wrap runs QEMU under a prefix command, onOutput sees stdout as it comes', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'kvmkit-fakeqemu-'));
+    try {
+      const fake = join(dir, 'qemu');
+      writeFileSync(fake, `#!/bin/sh\necho "$@" > ${dir}/args\necho "PROBE hello wrapped=$PROBE_WRAPPED"\necho "PROBE DONE status=3"\nexit 7\n`);
+      chmodSync(fake, 0o755);
+      let seen = '';
+      const r = await runQemuProbe({ test: 'hello', qemu: fake, wrap: ['env', 'PROBE_WRAPPED=yes'], onOutput: (c) => (seen += c) });
+      expect(r.probe.lines[0]?.fields).toEqual({ wrapped: 'yes' });
+      expect(r.exitStatus).toBe(3);
+      expect(seen).toContain('PROBE DONE status=3');
+      expect(readFileSync(join(dir, 'args'), 'utf8')).toContain('-append probe.test=hello');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  const why = netnsUnavailable();
+  it.skipIf(!!why)(`TestNetns + UDP receiver/sender check seq and pattern inside a namespace${why ? ` (SKIPPED: ${why})` : ''}`, async () => {
+    const ns = TestNetns.create('tk');
+    try {
+      expect(ns.ip('link', 'show', 'lo')).toMatch(/UP/);
+      const rx = await startNetnsUdpReceiver(ns, { address: '127.0.0.1', port: 7001, count: 300, size: 100 });
+      const sent = await runNetnsUdpSender(ns, { address: '127.0.0.1', port: 7001, count: 300, size: 100, pps: 20_000 });
+      await new Promise((r) => setTimeout(r, 100));
+      const st = await rx.stop();
+      expect(sent).toMatchObject({ sent: 300, errors: 0 });
+      expect(st).toMatchObject({ received: 300, bad: 0, dup: 0, bytes: 30_000 });
+      // A wrong size counts as bad (the receiver expects 100-byte datagrams).
+      const rx2 = await startNetnsUdpReceiver(ns, { address: '127.0.0.1', port: 7002, count: 10, size: 100 });
+      await runNetnsUdpSender(ns, { address: '127.0.0.1', port: 7002, count: 10, size: 50, pps: 10_000 });
+      await new Promise((r) => setTimeout(r, 100));
+      expect(await rx2.stop()).toMatchObject({ received: 0, bad: 10 });
+    } finally {
+      ns.destroy();
+    }
+    expect(() => ns.ip('link')).toThrow(/failed/);
   });
 });

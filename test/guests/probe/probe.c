@@ -332,6 +332,15 @@ static u64 user_mmio(u64 n)
     return rdtsc() - t0;
 }
 
+/* rdtsc back to back: on a host that traps RDTSC (the nested-PVM dev host may) each one is an exit. */
+static u64 user_tsc(u64 n)
+{
+    u64 t0 = rdtsc(), x = 0;
+    for (u64 i = 0; i < n; i++) x += rdtsc();
+    barrier();
+    return rdtsc() - t0 + (x & 0);
+}
+
 /* Runs loop in ring 3 (probe.ring=0 forces ring 0); if ring 3 faults (e.g. port I/O
  * without the TSS bitmap), runs it in ring 0 and reports the fault vector. */
 static void loop_test(const char *name, u64 (*loop)(u64))
@@ -452,6 +461,7 @@ void probe_main(void)
     tsc_calibrate();
     if (streq(test, "pio")) loop_test("pio", user_pio);
     if (streq(test, "mmio")) loop_test("mmio", user_mmio);
+    if (streq(test, "tsc")) loop_test("tsc", user_tsc);
     if (streq(test, "timer")) test_timer();
     if (streq(test, "blk")) test_blk();
     if (streq(test, "blkbench")) test_blkbench();
