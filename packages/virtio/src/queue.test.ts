@@ -224,4 +224,15 @@ describe('split virtqueue', () => {
     expect(() => q.enable(mem, { indirect: false, eventIdx: false })).toThrow(/aligned/);
     expect(q.ready).toBe(false);
   });
+
+  it('suppressNotifications sets and clears VIRTQ_USED_F_NO_NOTIFY in used.flags (only while ready)', () => {
+    const { mem, q } = mk();
+    q.suppressNotifications(true);
+    expect(mem.readU16(USED)).toBe(1);
+    q.suppressNotifications(false);
+    expect(mem.readU16(USED)).toBe(0);
+    q.disable();
+    q.suppressNotifications(true);
+    expect(mem.readU16(USED)).toBe(0);
+  });
 });

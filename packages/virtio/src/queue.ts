@@ -1,5 +1,5 @@
 import { KvmkitError, type GuestMemory } from '@kvmkit/kernel';
-import { VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F, VIRTQ_MAX_SIZE } from './constants.js';
+import { VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F, VIRTQ_MAX_SIZE, VIRTQ_USED_F_NO_NOTIFY } from './constants.js';
 
 /**
  * A guest-caused virtqueue error (malformed ring or descriptor chain). The transport turns it into
@@ -120,6 +120,7 @@ export class Virtqueue {
   private used: DataView | undefined;
   private availIdx16: Uint16Array | undefined;
   private usedIdx16: Uint16Array | undefined;
+  private usedFlags16: Uint16Array | undefined;
   private usedEvent16: Uint16Array | undefined;
   private availEvent16: Uint16Array | undefined;
 
@@ -145,7 +146,7 @@ export class Virtqueue {
 
   private drop(): void {
     this.mem = this.descTable = this.avail = this.used = undefined;
-    this.availIdx16 = this.usedIdx16 = this.usedEvent16 = this.availEvent16 = undefined;
+    this.availIdx16 = this.usedIdx16 = this.usedFlags16 = this.usedEvent16 = this.availEvent16 = undefined;
   }
 
   /** Disables without resetting indexes (QueueReady=0). */
@@ -189,6 +190,7 @@ export class Virtqueue {
     this.used = view(this.device, usedLen);
     this.availIdx16 = u16(this.driver + 2n);
     this.usedIdx16 = u16(this.device + 2n);
+    this.usedFlags16 = u16(this.device);
     this.usedEvent16 = opts.eventIdx ? u16(this.driver + BigInt(4 + 2 * n)) : undefined;
     this.availEvent16 = opts.eventIdx ? u16(this.device + BigInt(4 + 8 * n)) : undefined;
     this.indirect = opts.indirect;
@@ -286,6 +288,17 @@ export class Virtqueue {
       if (!(flags & VIRTQ_DESC_F.NEXT)) return chain;
       idx = next;
     }
+  }
+
+  /**
+   * Sets or clears VIRTQ_USED_F_NO_NOTIFY in used.flags (a device that is polling the avail ring tells the
+   * driver it need not notify). Drivers that negotiated EVENT_IDX ignore the flag. After clearing it, a device
+   * must look at the avail ring once more (`pending()`): the seq-cst store orders the two.
+   */
+  suppressNotifications(on: boolean): void {
+    if (!this.ready || !this.usedFlags16) return;
+    Atomics.store(this.usedFlags16, 0, on ? VIRTQ_USED_F_NO_NOTIFY : 0);
+    this.mem!.markWritten(this.device, 2);
   }
 
   /**
