@@ -216,6 +216,44 @@ describe('virtio-net (TAP in a test network namespace)', () => {
   });
 });
 
+describe('virtio-net TAP queues', () => {
+  it('a TAP is multi-queue: a second process can hold it, each queue detaches/attaches; a single-queue TAP held elsewhere is EBUSY', async (ctx) => {
+    if (!netnsOk) ctx.skip();
+    // Both TAPs live in the host namespace only for the duration of this test (down, no address).
+    const name = `kvq${process.pid % 100000}`;
+    const a = Tap.open(name);
+    let b: Tap | undefined;
+    try {
+      expect(a.multiQueue).toBe(true);
+      b = Tap.open(name);
+      expect(b.name).toBe(name);
+      expect(b.multiQueue).toBe(true);
+      expect(b.detachQueue()).toBe(0);
+      expect(b.attached).toBe(false);
+      expect(b.attachQueue()).toBe(0);
+      expect(b.attached).toBe(true);
+    } finally {
+      b?.close();
+      a.close();
+    }
+    const single = `kvs${process.pid % 100000}`;
+    ip('tuntap', 'add', 'dev', single, 'mode', 'tap', 'vnet_hdr');
+    try {
+      const c = Tap.open(single);
+      try {
+        expect(c.multiQueue).toBe(false);
+        expect(c.detachQueue()).toBe(0); // a no-op: the only queue stays attached
+        expect(c.attached).toBe(true);
+        expect(() => Tap.open(single)).toThrow(expect.objectContaining({ code: 'KVMKIT_ERR_VIRTIO_NET_TAP', details: expect.objectContaining({ errno: 16 }) }));
+      } finally {
+        c.close();
+      }
+    } finally {
+      ip('tuntap', 'del', 'dev', single, 'mode', 'tap');
+    }
+  });
+});
+
 describe('virtio-net save/restore', () => {
   it('a frame read from the TAP but not yet delivered (no RX buffer) is saved with the state and delivered after restore', async (ctx) => {
     if (!netnsOk) ctx.skip();
