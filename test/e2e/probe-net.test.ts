@@ -208,6 +208,22 @@ describe.skipIf(!!noNet)('probe virtio-net driver on kvmkit (TAP in a netns)', (
     expect(c.out).toContain('PROBE error net_bad_param_size');
   }, 60_000);
 
+  it('rx: datagrams with a wrong pattern are counted bad and fail the run', async (ctx) => {
+    if (!ns) return ctx.skip();
+    const run = await kvmkitNet(params('rx', { 'net.count': 5, 'net.idle_ms': 500, 'net.secs': 10 }), async (ready) => {
+      await ready;
+      // seq 1 with a broken pattern, then seq 7 (≥ count) with a correct one, then 2 good ones.
+      const script = `const d=require('node:dgram');const s=d.createSocket('udp4');
+        const p=(seq,n)=>{const b=Buffer.alloc(n);b.writeUInt32BE(seq,0);for(let i=4;i<n;i++)b[i]=(seq+i)&255;return b;};
+        const bad=p(1,64);bad[40]^=1;const q=[bad,p(7,64),p(0,64),p(2,64)];
+        (async()=>{for(const b of q){await new Promise(r=>s.send(b,${PORT},'${GUEST}',r));await new Promise(r=>setTimeout(r,20));}s.close();})();`;
+      expect((await ns!.exec('ping', ['-c', '1', '-W', '2', GUEST])).code).toBe(0);
+      expect((await ns!.exec(process.execPath, ['-e', script], 10_000)).code).toBe(0);
+    });
+    expect(run.exit, run.out).toBe(1);
+    expect(run.net?.fields).toMatchObject({ received: '2', bad: '2', first_bad_seq: '1', lost: '3', ok: '0' });
+  }, 60_000);
+
   it('tx without a host answering ARP: net_arp_timeout', async (ctx) => {
     if (!ns) return ctx.skip();
     const run = await kvmkitNet(params('tx', { 'net.host': '10.77.7.9', 'net.secs': 1 }));
