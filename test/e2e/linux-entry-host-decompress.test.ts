@@ -1,0 +1,185 @@
+/**
+ * KVM check of boot-linux's host decompression hand-over: a tiny synthetic "kernel" ELF (our own few
+ * instructions at its e_entry plus a data segment with .bss) is compressed (xz with the BCJ x86 filter, as the
+ * kernel build does, or gzip) into a synthetic bzImage. boot-linux decompresses it on the host, loads the
+ * PT_LOAD segments at p_paddr and enters at e_entry in long mode with RSI = zero page — what the bzImage's
+ * own decompressor would hand over. The entry checks that state and reports through the debug-exit port.
+ * With decompress: 'guest' the bzImage's pretend decompressor (startup_64 at +0x200) runs instead and exits 0xEE.
+ */
+import { describe, it, expect, beforeAll, afterAll } from 'vitest';
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, writeFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { gzipSync } from 'node:zlib';
+import { Machine, silentLogger, type Plugin, type StopReason } from '@kvmkit/kernel';
+import bootLinux from '@kvmkit/plugin-boot-linux';
+import { hasKvm, exitPort } from './helpers.js';
+
+let tools = true;
+try {
+  for (const t of ['gcc', 'objcopy', 'xz']) execFileSync(t, ['--version'], { stdio: 'ignore' });
+} catch {
+  tools = false;
+  console.warn('[kvmkit e2e] linux-entry-host-decompress: gcc/objcopy/xz missing, skipped');
+}
+
+const OK = 0x55;
+const GUEST_DECOMPRESSOR = 0xee;
+const CMDLINE = 'kvmkit-ok console=none';
+const LOAD = 0x1000000;
+const DATA = 0x1200000;
+const DATA_MAGIC = 'KVMKIT-DATA-SEG!';
+const BSS = 0x3000;
+
+// The kernel's startup_64: RSI = boot_params, long mode, identity map. Each failed check exits with its own code.
+const ENTRY = `
+  .code64
+  .globl _start
+_start:
+.Lentry:
+  mov $1, %al;  cmpl $0x53726448, 0x202(%rsi); jne fail       # "HdrS" in the zero page
+  mov $2, %al;  cmpb $0xff, 0x210(%rsi); jne fail              # type_of_loader
+  mov $3, %al;  testb $0x01, 0x211(%rsi); jz fail               # LOADED_HIGH
+  mov $4, %al;  testb $0x02, 0x211(%rsi); jnz fail              # KASLR_FLAG clear (not randomized)
+  mov $5, %al;  mov %cs, %bx; cmp $0x10, %bx; jne fail
+  mov $6, %al;  mov %ds, %bx; cmp $0x18, %bx; jne fail
+  mov $7, %al;  mov %ss, %bx; cmp $0x18, %bx; jne fail
+  mov $8, %al;  movl 0x228(%rsi), %edi; cmpl $0x6b6d766b, (%rdi); jne fail   # cmdline "kvmk"
+  mov $9, %al;  movl 0x218(%rsi), %edi; test %edi, %edi; jz fail
+  mov $10, %al; cmpl $0x37303730, (%rdi); jne fail             # initrd "0707"
+  mov $11, %al; cmpl $${DATA + DATA_MAGIC.length + BSS}, %edi; jb fail        # initrd above the kernel's .bss
+  mov $12, %al; cmpb $3, 0x1e8(%rsi); jb fail                  # e820 entries
+  mov $13, %al; cmpl $1, 0x2d0+16(%rsi); jne fail
+  mov $14, %al; mov %cr0, %rbx; bt $31, %rbx; jnc fail          # paging
+  mov $15, %al; mov %cr4, %rbx; bt $5, %rbx; jnc fail           # PAE
+  mov $16, %al; movabs $0x123456789, %rbx; shr $32, %rbx; cmp $1, %rbx; jne fail   # 64-bit operands: long mode
+  mov $17, %al; movabs $0xfffff000, %rbx; mov (%rbx), %rbx      # identity map up to 4 GiB (no fault)
+  mov $18, %al; lea .Lentry(%rip), %rbx; cmp $${LOAD}, %rbx; jne fail            # entered at e_entry
+  mov $19, %al; mov $${DATA}, %ebx; cmpl $0x4b4d564b, (%rbx); jne fail          # data segment starts "KVMK"
+  mov $20, %al; cmpq $0, ${DATA_MAGIC.length}(%rbx); jne fail                   # .bss after it is zero
+  mov $21, %al; xor %ebx, %ebx; call sub1; cmp $0x77, %bl; jne fail             # CALL rel32 survived BCJ
+  mov $22, %al; jmp.d32 2f; jmp fail
+2:
+  mov $${OK}, %al
+fail:
+  out %al, $0xf4
+1: hlt
+  jmp 1b
+sub1:
+  mov $0x77, %bl
+  ret
+`;
+
+let tmp: string;
+function assemble(name: string, src: string): Uint8Array {
+  const s = join(tmp, `${name}.S`);
+  writeFileSync(s, src);
+  execFileSync('gcc', ['-c', '-o', join(tmp, `${name}.o`), s]);
+  execFileSync('objcopy', ['-O', 'binary', '-j', '.text', join(tmp, `${name}.o`), join(tmp, `${name}.bin`)]);
+  return readFileSync(join(tmp, `${name}.bin`));
+}
+
+/** vmlinux.bin stand-in: ELF64 x86-64, text at LOAD (entry), data + .bss at DATA, 2 MiB p_align. */
+function makeKernelElf(code: Uint8Array): Uint8Array {
+  const data = new TextEncoder().encode(DATA_MAGIC);
+  const img = new Uint8Array(0x3000);
+  const dv = new DataView(img.buffer);
+  img.set([0x7f, 0x45, 0x4c, 0x46, 2, 1, 1], 0);
+  dv.setUint16(16, 2, true); dv.setUint16(18, 62, true); dv.setUint32(20, 1, true);
+  dv.setBigUint64(24, BigInt(LOAD), true); dv.setBigUint64(32, 64n, true);
+  dv.setUint16(52, 64, true); dv.setUint16(54, 56, true); dv.setUint16(56, 2, true);
+  const ph = (i: number, off: number, paddr: number, size: number, memsz: number) => {
+    const p = 64 + i * 56;
+    dv.setUint32(p, 1, true); dv.setUint32(p + 4, 7, true);
+    dv.setBigUint64(p + 8, BigInt(off), true);
+    dv.setBigUint64(p + 16, 0xffffffff80000000n + BigInt(paddr), true);
+    dv.setBigUint64(p + 24, BigInt(paddr), true);
+    dv.setBigUint64(p + 32, BigInt(size), true); dv.setBigUint64(p + 40, BigInt(memsz), true);
+    dv.setBigUint64(p + 48, 0x200000n, true);
+  };
+  ph(0, 0x1000, LOAD, code.length, code.length);
+  ph(1, 0x2000, DATA, data.length, data.length + BSS);
+  img.set(code, 0x1000);
+  img.set(data, 0x2000);
+  return img;
+}
+
+/** A bzImage whose protected-mode code is a pretend decompressor (startup_64 at +0x200 exits 0xEE) + the payload. */
+function makeBzImage(payload: Uint8Array): Uint8Array {
+  const pm = 0x400 + payload.length;
+  const syssize = Math.ceil(pm / 16);
+  const img = new Uint8Array(0x400 + syssize * 16);
+  const dv = new DataView(img.buffer);
+  img[0x1f1] = 1;
+  dv.setUint32(0x1f4, syssize, true);
+  dv.setUint16(0x1fe, 0xaa55, true);
+  img[0x200] = 0xeb; img[0x201] = 0x66;
+  dv.setUint32(0x202, 0x53726448, true);
+  dv.setUint16(0x206, 0x020f, true);
+  img[0x211] = 0x01 | 0x02; // LOADED_HIGH, and a stale KASLR_FLAG the loader must clear
+  dv.setUint32(0x22c, 0x7fffffff, true);
+  dv.setUint32(0x230, 0x200000, true);
+  dv.setUint16(0x236, 0x01, true);
+  dv.setUint32(0x238, 2047, true);
+  dv.setUint32(0x248, 0x400, true);
+  dv.setUint32(0x24c, payload.length, true);
+  dv.setBigUint64(0x258, BigInt(LOAD), true);
+  dv.setUint32(0x260, 0x400000, true);
+  img.fill(0xf4, 0x400, 0x800);
+  img.set([0xb0, GUEST_DECOMPRESSOR, 0xe6, 0xf4, 0xf4], 0x400 + 0x200); // startup_64: mov $0xee,%al; out %al,$0xf4; hlt
+  img.set(payload, 0x800);
+  return img;
+}
+
+async function run(kernel: string, initrd: string, decompress?: 'auto' | 'host' | 'guest'): Promise<StopReason> {
+  const irqchip: Plugin = { name: 'test-irqchip', version: '0.1.0', apply(m) { m.hooks.vmCreated.tapPromise('test-irqchip', async (vm) => vm.createIrqchip()); } };
+  const m = new Machine({
+    config: { name: 'entry-hd', memory: 64, cpus: 1, cmdline: CMDLINE },
+    plugins: [irqchip, exitPort(), bootLinux({ kernel, initrd, ...(decompress ? { decompress } : {}) })],
+    log: silentLogger(),
+  });
+  await m.start();
+  const t = setTimeout(() => void m.stop({ reason: 'user', exitCode: 99, message: 'test timeout' }), 60_000);
+  const r = await m.waitForStop();
+  clearTimeout(t);
+  await m.stop();
+  return r;
+}
+
+describe.skipIf(!hasKvm || !tools)('boot-linux host decompression hand-over on /dev/kvm (synthetic kernel)', () => {
+  let initrd: string;
+  let elf: Uint8Array;
+  beforeAll(() => {
+    tmp = mkdtempSync(join(tmpdir(), 'kvmkit-linux-entry-hd-'));
+    initrd = join(tmp, 'initrd.cpio');
+    writeFileSync(initrd, Buffer.concat([Buffer.from('070701'), Buffer.alloc(4090)]));
+    elf = makeKernelElf(assemble('entry', ENTRY));
+  });
+  afterAll(() => rmSync(tmp, { recursive: true, force: true }));
+
+  const xzBzImage = (): string => {
+    const f = join(tmp, 'vmlinux.bin');
+    writeFileSync(f, elf);
+    const c = execFileSync('xz', ['-c', '-T1', '--x86', '--lzma2=preset=9', '--check=crc32', f]);
+    const size = Buffer.alloc(4);
+    size.writeUInt32LE(elf.length); // size_append, as the kernel build does
+    const k = join(tmp, 'bzImage-xz');
+    writeFileSync(k, makeBzImage(new Uint8Array(Buffer.concat([c, size]))));
+    return k;
+  };
+
+  it('xz payload (BCJ x86 + LZMA2): the kernel entry sees what the decompressor hands over', async () => {
+    expect(await run(xzBzImage(), initrd)).toMatchObject({ reason: 'guest-exit', exitCode: OK });
+  });
+
+  it('gzip payload, decompress: host', async () => {
+    const k = join(tmp, 'bzImage-gz');
+    writeFileSync(k, makeBzImage(new Uint8Array(gzipSync(elf))));
+    expect(await run(k, initrd, 'host')).toMatchObject({ reason: 'guest-exit', exitCode: OK });
+  });
+
+  it("decompress: 'guest' runs the bzImage's own startup_64 instead", async () => {
+    expect(await run(xzBzImage(), initrd, 'guest')).toMatchObject({ reason: 'guest-exit', exitCode: GUEST_DECOMPRESSOR });
+  });
+});
