@@ -7,6 +7,7 @@
  * - rx: a sender in the namespace sends paced datagrams; the guest checks seq/pattern, reports lost/dup/bad;
  * - echo: the guest echoes UDP datagrams back.
  * kvmkit: the machine starts paused, its TAP is moved into the namespace and configured, then it runs.
+ * The TAP's queue is raised above the datagram counts, so rx checks the VMM's delivery, not host scheduling.
  * QEMU: a persistent TAP is created in the namespace and QEMU runs under `ip netns exec`.
  */
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
@@ -25,6 +26,9 @@ const HOST = '10.77.7.1';
 const GUEST = '10.77.7.2';
 const MAC = '52:54:00:7e:57:01';
 const PORT = 5000;
+/** Frames the TAP queues towards the VMM (default 500 for a TAP): larger than any test's burst, so a VMM that
+ * stalls for a moment (2 shared cores here) delays datagrams instead of the TAP dropping them. */
+const TAP_QUEUE = 4096;
 
 const noNet = hasKvm ? netnsUnavailable() : 'no /dev/kvm';
 if (hasKvm && noNet) console.warn(`[kvmkit e2e] probe-net skipped: ${noNet}`);
@@ -78,6 +82,7 @@ async function kvmkitNet(p: Record<string, string | number>, during: (ready: Pro
   try {
     await m.start({ paused: true });
     ns!.adopt(tap, `${HOST}/24`);
+    ns!.ip('link', 'set', tap, 'txqueuelen', String(TAP_QUEUE));
     const t = setTimeout(() => void m.stop({ reason: 'user', exitCode: 124, message: 'test timeout' }), timeoutMs);
     await m.resume();
     const stopped = m.waitForStop();
@@ -95,6 +100,7 @@ async function qemuNet(p: Record<string, string | number>, during: (ready: Promi
   const tap = tapName();
   const w = readyWatch();
   ns!.addTap(tap, `${HOST}/24`);
+  ns!.ip('link', 'set', tap, 'txqueuelen', String(TAP_QUEUE));
   try {
     const running = runQemuProbe({
       test: 'net', params: p, wrap: ns!.wrap, timeoutMs, onOutput: w.feed,
