@@ -262,7 +262,7 @@ describe.skipIf(!!why)('virtio-net mid-traffic across live migration (same TAP n
       expect(fin.final).toMatchObject({ tapAttached: true, tap: TAP, mac: GUEST_MAC, config: { mac: GUEST_MAC, linkUp: true } });
       const lost = 200 - rxAll.length;
       console.log(`[snapshot-net] migration: ${mig.report.rounds} rounds, total ${mig.report.totalMs.toFixed(0)} ms, downtime ${mig.report.downtimeMs.toFixed(1)} ms; TX ${mig.txSent} (${mig.txUsed} on the source, ${mig.txSent - mig.txUsed} on the destination); ` +
-        `RX of H0..199: ${mig.rxSeqs.length} on the source, ${res.first.seqs.length + late.length} on the destination (held at pause: ${mig.atPause.rxHeld}), ${lost} dropped in the TAP queue (ring full or switch-over)`);
+        `RX of H0..199: ${mig.rxSeqs.length} on the source, ${res.first.seqs.length + late.length} on the destination (held at pause: ${mig.atPause.rxHeld}), ${lost} left in the source's TAP queue (its ring full, or steered there after the destination attached) and dropped when it closed`);
     } finally {
       src.c.proc.kill('SIGKILL');
       dst?.c.proc.kill('SIGKILL');
