@@ -1,5 +1,5 @@
 import * as fs from 'node:fs';
-import { KvmkitError, ffi, type Logger } from '@kvmkit/kernel';
+import { KvmkitError, ffi, type GuestMemory, type Logger } from '@kvmkit/kernel';
 import { VIRTIO_ID, VirtioDevice, bit, type DescriptorChain } from '@kvmkit/virtio';
 
 /** virtio-blk feature bits (§5.2.3). */
@@ -316,10 +316,19 @@ export class VirtioBlk extends VirtioDevice {
     const fh = this.fh;
     const S = VIRTIO_BLK_S;
     if (c.readableLength < 16 || !fh) return { status: S.IOERR, len: 0 };
-    const hdr = c.read(mem, 0, 16);
-    const hv = new DataView(hdr.buffer, hdr.byteOffset, 16);
-    const type = hv.getUint32(0, true);
-    const sector = hv.getBigUint64(8, true);
+    let type: number;
+    let sector: bigint;
+    const first = c.readable[0]!;
+    if (first.len >= 16) {
+      // The usual layout: the whole header in the first descriptor (no copy).
+      type = mem.readU32(first.addr);
+      sector = mem.readU64(first.addr + 8n);
+    } else {
+      const hdr = c.read(mem, 0, 16);
+      const hv = new DataView(hdr.buffer, hdr.byteOffset, 16);
+      type = hv.getUint32(0, true);
+      sector = hv.getBigUint64(8, true);
+    }
     const fd = fh.fd;
     try {
       switch (type) {
@@ -376,7 +385,7 @@ export class VirtioBlk extends VirtioDevice {
     const mem = this.ctx.memory;
     if (mem.isClosed) return;
     try {
-      c.write(mem, Uint8Array.of(status), c.writableLength - 1);
+      writeStatus(mem, c, status);
       const vq = c.queue;
       vq.pushUsed(c, dataLen + 1);
       if (signal) this.ctx.signalUsed(vq.index);
@@ -567,6 +576,17 @@ async function writeAll(fh: fs.promises.FileHandle, buf: Uint8Array, pos: number
     const { bytesWritten } = await fh.write(buf, done, buf.length - done, pos + done);
     if (bytesWritten <= 0) throw new KvmkitError('KVMKIT_ERR_VIRTIO_BLK_IO', 'short write');
     done += bytesWritten;
+  }
+}
+
+/** Writes the status byte: the chain's last writable byte (the caller checked writableLength >= 1). */
+function writeStatus(mem: GuestMemory, c: DescriptorChain, status: number): void {
+  for (let i = c.writable.length - 1; i >= 0; i--) {
+    const b = c.writable[i]!;
+    if (b.len > 0) {
+      mem.writeU8(b.addr + BigInt(b.len - 1), status);
+      return;
+    }
   }
 }
 
