@@ -34,6 +34,11 @@ const { values } = parseArgs({
     'linux-timeout': { type: 'string', default: '900' },
     'skip-start': { type: 'boolean', default: false },
     'skip-exits': { type: 'boolean', default: false },
+    // A prebuilt probe ELF instead of `make -C test/guests/probe` (e.g. while the probe sources are being edited).
+    probe: { type: 'string' },
+    // Another build's packages/cli/dist/bin.js (e.g. a `git archive` of an older commit, built): timed in part 1 as
+    // "kvmkit (baseline)" in the same rotation, run from that checkout's root so its own plugins resolve.
+    'baseline-cli': { type: 'string' },
   },
 });
 const R = Number(values.rounds);
@@ -48,7 +53,10 @@ for (const f of [cliBin, join(root, 'examples/custom-plugin/dist/index.js'), joi
 }
 const qemu = findExecutable('qemu-system-x86_64');
 if (!qemu) throw new Error('qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)');
-const elf = probeElfPath(); // make -C test/guests/probe
+const elf = values.probe ?? probeElfPath(); // make -C test/guests/probe
+if (!existsSync(elf)) throw new Error(`--probe ${elf}: no such file`);
+const baselineCli = values['baseline-cli'];
+if (baselineCli !== undefined && !existsSync(baselineCli)) throw new Error(`--baseline-cli ${baselineCli}: no such file`);
 const cfloor = cfloorPath(); // make -C bench/cfloor
 
 const loadSamples = [];
@@ -65,7 +73,7 @@ const fmtLoad = (s) => `load average ${s.load1} ${s.load5} ${s.load15}`;
  * Spawns cmd and times, from just before spawn(): the first stdout byte, the first stdout match of `until`
  * (then the process is sent SIGTERM, SIGKILL 5 s later), and the process exit.
  */
-function timed(cmd, args, { until, timeoutMs = 60_000 } = {}) {
+function timed(cmd, args, { until, timeoutMs = 60_000, cwd = root } = {}) {
   return new Promise((resolve, reject) => {
     let stdout = '';
     let stderr = '';
@@ -73,7 +81,7 @@ function timed(cmd, args, { until, timeoutMs = 60_000 } = {}) {
     let timedOut = false;
     const epoch = Date.now();
     const t0 = performance.now();
-    const child = spawn(cmd, args, { cwd: root, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(cmd, args, { cwd, stdio: ['ignore', 'pipe', 'pipe'] });
     const timer = setTimeout(() => {
       timedOut = true;
       cpuAtTimeout = cpuSeconds(child.pid);
@@ -171,17 +179,20 @@ if (!values['skip-start']) {
   const cmd = 'probe.test=hello';
   const vmms = {
     kvmkit: [process.execPath, kvmkitProbeArgs(cmd)],
+    ...(baselineCli !== undefined ? { 'kvmkit (baseline)': [process.execPath, [baselineCli, ...kvmkitProbeArgs(cmd).slice(1)]] } : {}),
     qemu: [qemu, qemuArgs(cmd)],
     cfloor: [cfloor, cfloorArgs(cmd)],
     'node (empty script)': [process.execPath, ['-e', '0']],
   };
+  // The baseline runs from its own checkout's root (bin.js is <root>/packages/cli/dist/bin.js).
+  const cwdOf = (name) => (name === 'kvmkit (baseline)' ? join(dirname(baselineCli), '../../..') : root);
   results.commands.start = Object.fromEntries(Object.entries(vmms).map(([k, [c, a]]) => [k, [c, ...a].join(' ')]));
   const samples = Object.fromEntries(Object.keys(vmms).map((k) => [k, { first: [], exit: [], firstLog: [], loaded: [], running: [] }]));
   const l0 = load('start: before');
   for (let r = 0; r < R; r++) {
     for (const name of rotate(Object.keys(vmms), r % Object.keys(vmms).length)) {
       const [c, a] = vmms[name];
-      const res = await timed(c, a, { timeoutMs: 30_000 });
+      const res = await timed(c, a, { timeoutMs: 30_000, cwd: cwdOf(name) });
       const s = samples[name];
       if (name.startsWith('node')) {
         s.exit.push(res.tExit);
