@@ -64,21 +64,31 @@ export function xzError(reason: XzErrorReason, message: string, details: Record<
 
 // ---------------------------------------------------------------- checks
 
-const CRC32_TABLE = (() => {
-  const t = new Uint32Array(256);
+/** CRC32 tables for slicing-by-4: T[k][b] = CRC of byte b followed by k zero bytes. */
+const CRC32_T = (() => {
+  const t = new Uint32Array(256 * 4);
   for (let i = 0; i < 256; i++) {
     let c = i;
     for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
     t[i] = c >>> 0;
+  }
+  for (let i = 0; i < 256; i++) {
+    for (let k = 1; k < 4; k++) t[k * 256 + i] = (t[(k - 1) * 256 + i]! >>> 8) ^ t[t[(k - 1) * 256 + i]! & 0xff]!;
   }
   return t;
 })();
 
 /** CRC32 (IEEE 802.3, reflected, as zlib/xz compute it). */
 export function crc32(data: Uint8Array, start = 0, end = data.length): number {
-  let c = 0xffffffff;
-  for (let i = start; i < end; i++) c = CRC32_TABLE[(c ^ data[i]!) & 0xff]! ^ (c >>> 8);
-  return (c ^ 0xffffffff) >>> 0;
+  const t = CRC32_T;
+  let c = ~0;
+  let i = start;
+  for (; i + 4 <= end; i += 4) {
+    c ^= data[i]! | (data[i + 1]! << 8) | (data[i + 2]! << 16) | (data[i + 3]! << 24);
+    c = t[768 + (c & 0xff)]! ^ t[512 + ((c >>> 8) & 0xff)]! ^ t[256 + ((c >>> 16) & 0xff)]! ^ t[c >>> 24]!;
+  }
+  for (; i < end; i++) c = t[(c ^ data[i]!) & 0xff]! ^ (c >>> 8);
+  return ~c >>> 0;
 }
 
 // CRC64 (ECMA-182 polynomial, reflected: 0xC96C5795D7870F42) with the 64-bit state split into two 32-bit halves.
@@ -409,31 +419,101 @@ class Lzma2Decoder {
     let state = this.state;
     let rep0 = this.rep0, rep1 = this.rep1, rep2 = this.rep2, rep3 = this.rep3;
 
+    // The range decoder's state lives in locals in the hot path (is-match bit and literals) and in the fields
+    // while the helper methods decode matches; sync() / load() move it between the two.
+    const probs = this.probs;
+    let range = this.range;
+    let code = this.code;
+    let ip = this.inPos;
+    const inEnd = end;
+    let p = 0;
+    let bound = 0;
+    let b = 0;
+
     while (pos < limit) {
       const rel = pos - dictStart; // positions count from the last dictionary reset
       const posState = rel & pbMask;
-      if (this.bit(P_IS_MATCH + (state << 4) + posState) === 0) {
-        // literal
+      // is-match bit, inlined
+      const im = P_IS_MATCH + (state << 4) + posState;
+      p = probs[im]!;
+      bound = (range >>> 11) * p;
+      if (code < bound) {
+        range = bound;
+        probs[im] = p + ((2048 - p) >>> 5);
+        b = 0;
+      } else {
+        range -= bound;
+        code -= bound;
+        probs[im] = p - (p >>> 5);
+        b = 1;
+      }
+      if (range < TOP) {
+        if (ip >= inEnd) throw xzError('corrupt-data', 'LZMA: the range decoder ran past the end of its chunk', { offset: ip });
+        range *= 256;
+        code = code * 256 + inBuf[ip++]!;
+      }
+      if (b === 0) {
+        // literal, inlined
         const prev = pos > dictStart ? buf[pos - 1]! : 0;
         const base = P_LITERAL + 0x300 * (((rel & lpMask) << lc) + (prev >>> (8 - lc)));
         let sym = 1;
         if (state >= 7) {
           const mpos = pos - rep0 - 1;
-          if (mpos < dictStart) throw xzError('corrupt-data', 'LZMA: match byte before the dictionary start', { offset: this.inPos });
+          if (mpos < dictStart) throw xzError('corrupt-data', 'LZMA: match byte before the dictionary start', { offset: ip });
           let matchByte = buf[mpos]!;
           do {
             const matchBit = (matchByte >>> 7) & 1;
             matchByte <<= 1;
-            const b = this.bit(base + ((1 + matchBit) << 8) + sym);
+            const i = base + ((1 + matchBit) << 8) + sym;
+            p = probs[i]!;
+            bound = (range >>> 11) * p;
+            if (code < bound) {
+              range = bound;
+              probs[i] = p + ((2048 - p) >>> 5);
+              b = 0;
+            } else {
+              range -= bound;
+              code -= bound;
+              probs[i] = p - (p >>> 5);
+              b = 1;
+            }
+            if (range < TOP) {
+              if (ip >= inEnd) throw xzError('corrupt-data', 'LZMA: the range decoder ran past the end of its chunk', { offset: ip });
+              range *= 256;
+              code = code * 256 + inBuf[ip++]!;
+            }
             sym = (sym << 1) | b;
             if (matchBit !== b) break;
           } while (sym < 0x100);
         }
-        while (sym < 0x100) sym = (sym << 1) | this.bit(base + sym);
+        while (sym < 0x100) {
+          const i = base + sym;
+          p = probs[i]!;
+          bound = (range >>> 11) * p;
+          if (code < bound) {
+            range = bound;
+            probs[i] = p + ((2048 - p) >>> 5);
+            sym <<= 1;
+          } else {
+            range -= bound;
+            code -= bound;
+            probs[i] = p - (p >>> 5);
+            sym = (sym << 1) | 1;
+          }
+          if (range < TOP) {
+            if (ip >= inEnd) throw xzError('corrupt-data', 'LZMA: the range decoder ran past the end of its chunk', { offset: ip });
+            range *= 256;
+            code = code * 256 + inBuf[ip++]!;
+          }
+        }
         buf[pos++] = sym & 0xff;
         state = state < 4 ? 0 : state < 10 ? state - 3 : state - 6;
         continue;
       }
+      // matches: decoded with the helper methods on the fields
+      this.range = range;
+      this.code = code;
+      this.inPos = ip;
       let len: number;
       if (this.bit(P_IS_REP + state) === 0) {
         // simple match
@@ -468,6 +548,9 @@ class Lzma2Decoder {
             if (src < dictStart || rep0 >= dictSize) throw xzError('corrupt-data', 'LZMA: distance beyond the dictionary', { offset: this.inPos, distance: rep0 + 1 });
             buf[pos] = buf[src]!;
             pos++;
+            range = this.range;
+            code = this.code;
+            ip = this.inPos;
             continue;
           }
         } else {
@@ -489,18 +572,24 @@ class Lzma2Decoder {
         len = this.len(P_REP_LEN, posState);
         state = state < 7 ? 8 : 11;
       }
+      range = this.range;
+      code = this.code;
+      ip = this.inPos;
       // copy len + 2 bytes from distance rep0 + 1
       let n = len + 2;
       let src = pos - rep0 - 1;
       if (src < dictStart || rep0 >= dictSize) throw xzError('corrupt-data', 'LZMA: distance beyond the dictionary', { offset: this.inPos, distance: rep0 + 1 });
       if (n > limit - pos) throw xzError('corrupt-data', 'LZMA: a match runs past the end of its chunk', { offset: this.inPos });
-      if (rep0 + 1 >= n) {
+      if (n > 64 && rep0 + 1 >= n) {
         buf.copyWithin(pos, src, src + n);
         pos += n;
       } else {
         while (n-- > 0) buf[pos++] = buf[src++]!;
       }
     }
+    this.range = range;
+    this.code = code;
+    this.inPos = ip;
     this.state = state;
     this.rep0 = rep0;
     this.rep1 = rep1;
