@@ -140,7 +140,7 @@ function suite(name: string, vmm: () => Vmm) {
     expect(run.dev?.fields.mac).toBe(MAC);
     expect(run.net?.fields.echo).toBe('5');
     expect(Number(run.net?.fields.arp)).toBeGreaterThanOrEqual(1);
-    console.log(`[probe-net] ${name} ping: ${run.net?.raw}`);
+    console.log(`[probe-net] ${name} ping: ${run.net?.raw} | ${ping.split('\n').find((l) => l.startsWith('rtt')) ?? ''}`);
   }, 60_000);
 
   it(`${name}: guest → host UDP (tx): every datagram arrives with the right seq and pattern`, async (ctx) => {
@@ -182,6 +182,7 @@ function suite(name: string, vmm: () => Vmm) {
     if (!ns) return ctx.skip();
     const n = 20;
     const got: Buffer[] = [];
+    let client = '';
     const run = await vmm()(params('echo', { 'net.count': n, 'net.secs': 20 }), async (ready) => {
       await ready;
       // A tiny echo client inside the namespace: sends n datagrams one at a time, prints what came back.
@@ -190,10 +191,11 @@ function suite(name: string, vmm: () => Vmm) {
         s.on('message',(m)=>{out.push(m.toString('hex'));if(++i<${n})send();else{console.log(JSON.stringify(out));process.exit(0);}});
         s.bind(0,'${HOST}',send);setTimeout(()=>{console.log(JSON.stringify(out));process.exit(1);},15000);`;
       const r = await ns!.exec(process.execPath, ['-e', script], 20_000);
-      for (const h of JSON.parse(r.stdout.trim().split('\n').at(-1) ?? '[]') as string[]) got.push(Buffer.from(h, 'hex'));
+      client = `client exit ${r.code}: ${r.stdout}${r.stderr}`;
+      for (const h of JSON.parse(r.stdout.trim().split('\n').at(-1) || '[]') as string[]) got.push(Buffer.from(h, 'hex'));
     });
-    expect(run.exit, run.out).toBe(0);
-    expect(got.length).toBe(n);
+    expect(run.exit, run.out + client).toBe(0);
+    expect(got.length, run.out + client).toBe(n);
     got.forEach((b, i) => expect(b.toString()).toBe(`probe-echo-${i}-${'x'.repeat(i * 7)}`));
     expect(run.net?.fields.echoed).toBe(String(n));
   }, 60_000);

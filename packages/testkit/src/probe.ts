@@ -326,6 +326,8 @@ function ipCmd(args: string[]): string {
   }
 }
 
+let netnsSeq = 0;
+
 /**
  * A throwaway network namespace (`ip netns add`) for TAP tests; traffic never leaves the machine.
  * `destroy()` deletes it (and every link inside) and is idempotent.
@@ -334,9 +336,9 @@ export class TestNetns {
   private alive = true;
   private constructor(readonly name: string) {}
 
-  /** Creates `kvmkit-<tag>-<pid>`. */
+  /** Creates `kvmkit-<tag>-<pid>-<n>`. */
   static create(tag: string): TestNetns {
-    const name = `kvmkit-${tag}-${process.pid}`;
+    const name = `kvmkit-${tag}-${process.pid}-${netnsSeq++}`;
     ipCmd(['netns', 'add', name]);
     const ns = new TestNetns(name);
     ns.ip('link', 'set', 'lo', 'up');
