@@ -83,7 +83,10 @@ export class Tap {
       throw tapError(`TUNSETVNETHDRSZ failed: errno ${-r}`, -r, { name: actual });
     }
     const tap = new Tap(fd, actual, multiQueue);
-    tap.setOffload(0);
+    // TUNSETOFFLOAD is a setting of the whole TAP: a second queue (a migration destination) must not change
+    // what the kernel hands the queue still in use. A multi-queue fd is detached until the device runs and sets
+    // the offloads its driver accepted; a single-queue TAP takes frames at once, so it starts with none.
+    if (!multiQueue) tap.setOffload(0);
     return tap;
   }
 
