@@ -8,12 +8,12 @@
  */
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, writeFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, writeFileSync, rmSync, existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { Machine, silentLogger, type Plugin, type StopReason } from '@kvmkit/kernel';
-import bootLinux from '@kvmkit/plugin-boot-linux';
+import bootLinux, { parseVmlinux } from '@kvmkit/plugin-boot-linux';
 import { hasKvm, exitPort } from './helpers.js';
 
 let tools = true;
@@ -181,5 +181,52 @@ describe.skipIf(!hasKvm || !tools)('boot-linux host decompression hand-over on /
 
   it("decompress: 'guest' runs the bzImage's own startup_64 instead", async () => {
     expect(await run(xzBzImage(), initrd, 'guest')).toMatchObject({ reason: 'guest-exit', exitCode: GUEST_DECOMPRESSOR });
+  });
+});
+
+const FIXTURE_BZ = '/work/shared/guest/bzImage';
+const FIXTURE_ELF = '/work/shared/guest/vmlinux';
+const FIXTURE_RD = '/work/shared/guest/spin.cpio';
+const haveFixture = existsSync(FIXTURE_BZ) && existsSync(FIXTURE_ELF) && existsSync(FIXTURE_RD);
+
+// The real kernel is never run here (Linux boots belong to linux-boot.test.ts on a quiet host): a beforeRun tap
+// checks the prepared machine and aborts the start before any vCPU executes.
+describe.skipIf(!hasKvm || !haveFixture)('the fixture bzImage on a real Machine (configure + boot hook, no vCPU run)', () => {
+  it('decompresses on the host and prepares vCPU 0 at the vmlinux entry with the segments in guest RAM', async () => {
+    const ABORT = 'abort-before-run';
+    let seen: { rip: bigint; rsi: bigint; efer: bigint; segmentsEqual: boolean } | undefined;
+    const elf = new Uint8Array(readFileSync(FIXTURE_ELF));
+    const v = parseVmlinux(elf, FIXTURE_ELF);
+    const probe: Plugin = {
+      name: 'test-before-run', version: '0.1.0',
+      apply(m) {
+        m.hooks.beforeRun.tapPromise('test-before-run', async (api) => {
+          const regs = api.vcpus[0]!.getRegs();
+          const sregs = api.vcpus[0]!.getSregs();
+          const mem = api.memory!;
+          const segmentsEqual = v.segments.every((s) => Buffer.compare(mem.read(s.paddr, s.filesz), elf.subarray(s.offset, s.offset + s.filesz)) === 0);
+          seen = { rip: regs.rip, rsi: regs.rsi, efer: sregs.efer, segmentsEqual };
+          throw new Error(ABORT);
+        });
+      },
+    };
+    const irqchip: Plugin = { name: 'test-irqchip', version: '0.1.0', apply(m) { m.hooks.vmCreated.tapPromise('test-irqchip', async (vm) => vm.createIrqchip()); } };
+    const m = new Machine({
+      config: { name: 'fixture-bz', memory: 256, cpus: 2, cmdline: 'console=ttyS0' },
+      plugins: [irqchip, exitPort(), bootLinux({ kernel: FIXTURE_BZ, initrd: FIXTURE_RD }), probe],
+      log: silentLogger(),
+    });
+    const t0 = performance.now();
+    let err: unknown;
+    try {
+      await m.start();
+    } catch (e) {
+      err = e;
+    } finally {
+      await m.stop();
+    }
+    console.log(`[linux-entry-host-decompress] fixture bzImage: Machine.start up to beforeRun in ${(performance.now() - t0).toFixed(0)} ms (includes host decompression)`);
+    expect(String((err as Error)?.message ?? err) + String((err as { cause?: Error })?.cause?.message ?? '')).toContain(ABORT);
+    expect(seen).toEqual({ rip: v.entry, rsi: 0x7000n, efer: 0x500n, segmentsEqual: true });
   });
 });
