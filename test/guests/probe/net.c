@@ -337,6 +337,7 @@ static void run_tx(void)
     st.t_first = rdtsc();
     u64 seq = 0;
     while (seq < count) {
+        if (rdtsc() > deadline) net_fail("tx_timeout", seq);
         poll_all();
         int n = 0;
         /* Refill in batches (one notification each) once `batch` slots are free or the queue drained. */
@@ -346,7 +347,6 @@ static void run_tx(void)
             seq++; n++;
         }
         if (n) tx_flush();
-        if (rdtsc() > deadline) net_fail("tx_timeout", seq);
     }
     while (txq.inflight) {
         tx_reclaim();
