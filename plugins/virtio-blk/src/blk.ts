@@ -273,6 +273,18 @@ export class VirtioBlk extends VirtioDevice {
     // the batch; with EVENT_IDX the driver's used_event still decides).
     let completed = 0;
     let n = 0;
+    let group: SyncIo[] = [];
+    let groupEnd = 0;
+    let groupIovs = 0;
+    let groupBytes = 0;
+    const flushGroup = () => {
+      if (group.length === 0) return;
+      const g = group;
+      group = [];
+      groupIovs = groupBytes = 0;
+      this.runGroup(g);
+      completed += g.length;
+    };
     try {
       for (let c = n < limit ? vq.pop() : null; c; c = ++n < limit ? vq.pop() : null) {
         if (c.writableLength < 1) {
@@ -283,7 +295,23 @@ export class VirtioBlk extends VirtioDevice {
           continue;
         }
         if (this.syncIo) {
-          const r = this.handleSync(c);
+          const r = this.prepareSync(c);
+          if (r && 'chain' in r) {
+            const joins =
+              group.length > 0 &&
+              group[0]!.write === r.write &&
+              r.pos === groupEnd &&
+              groupIovs + r.views.length <= MERGE_MAX_IOVS &&
+              groupBytes + r.bytes <= MERGE_MAX_BYTES;
+            if (!joins) flushGroup();
+            group.push(r);
+            groupEnd = r.pos + r.bytes;
+            groupIovs += r.views.length;
+            groupBytes += r.bytes;
+            continue;
+          }
+          // Anything else is ordered after the I/O popped before it (a FLUSH must see earlier writes).
+          flushGroup();
           if (r) {
             this.complete(c, r.status, r.len, false);
             completed++;
@@ -301,21 +329,23 @@ export class VirtioBlk extends VirtioDevice {
         void p.finally(() => this.inflight.delete(p));
       }
     } finally {
-      // Also when a malformed chain throws (the transport then sets DEVICE_NEEDS_RESET): what completed is signalled.
+      // Also when a malformed chain throws (the transport then sets DEVICE_NEEDS_RESET): requests already
+      // popped are served, and what completed is signalled.
+      flushGroup();
       if (completed > 0) this.ctx.signalUsed(q);
     }
     return n >= limit;
   }
 
   /**
-   * The synchronous path (syncIo): IN, OUT and FLUSH straight between guest memory and the file (no bounce
-   * buffer); returns undefined for the other request types, which take the asynchronous path.
+   * The synchronous path (syncIo), step 1: parses and validates a chain. IN/OUT come back as an I/O to run
+   * (views straight onto the guest's buffers, no bounce buffer) so that `runGroup` can merge adjacent ones;
+   * FLUSH and errors come back as a result; other types as undefined (they take the asynchronous path).
    */
-  private handleSync(c: DescriptorChain): { status: number; len: number } | undefined {
+  private prepareSync(c: DescriptorChain): SyncIo | { status: number; len: number } | undefined {
     const mem = this.ctx.memory;
-    const fh = this.fh;
     const S = VIRTIO_BLK_S;
-    if (c.readableLength < 16 || !fh) return { status: S.IOERR, len: 0 };
+    if (c.readableLength < 16 || !this.fh) return { status: S.IOERR, len: 0 };
     let type: number;
     let sector: bigint;
     const first = c.readable[0]!;
@@ -329,53 +359,94 @@ export class VirtioBlk extends VirtioDevice {
       type = hv.getUint32(0, true);
       sector = hv.getBigUint64(8, true);
     }
-    const fd = fh.fd;
-    try {
-      switch (type) {
-        case VIRTIO_BLK_T.IN: {
-          const inLen = c.writableLength - 1;
-          if (!this.checkSegments(c, true) || inLen % SECTOR !== 0 || !this.inRange(sector, inLen)) return { status: S.IOERR, len: 0 };
-          let pos = Number(sector) * SECTOR;
-          let left = inLen;
-          for (const b of c.writable) {
-            if (left <= 0) break;
-            const n = Math.min(b.len, left);
-            readFullSync(fd, mem.range(b.addr, n), pos);
-            pos += n;
-            left -= n;
-          }
-          this.stats.reads++;
-          this.stats.bytesRead += inLen;
-          return { status: S.OK, len: inLen };
+    switch (type) {
+      case VIRTIO_BLK_T.IN: {
+        const inLen = c.writableLength - 1;
+        if (!this.checkSegments(c, true) || inLen % SECTOR !== 0 || !this.inRange(sector, inLen)) return { status: S.IOERR, len: 0 };
+        const views: Uint8Array[] = [];
+        let left = inLen;
+        for (const b of c.writable) {
+          if (left <= 0) break;
+          const n = Math.min(b.len, left);
+          if (n > 0) views.push(mem.range(b.addr, n));
+          left -= n;
         }
-        case VIRTIO_BLK_T.OUT: {
-          if (this.opts.readOnly) return { status: S.IOERR, len: 0 };
-          const outLen = c.readableLength - 16;
-          if (!this.checkSegments(c, false) || outLen % SECTOR !== 0 || !this.inRange(sector, outLen)) return { status: S.IOERR, len: 0 };
-          let pos = Number(sector) * SECTOR;
-          let skip = 16;
-          for (const b of c.readable) {
-            const k = Math.min(skip, b.len);
-            skip -= k;
-            const n = b.len - k;
-            if (n === 0) continue;
-            writeFullSync(fd, mem.view(b.addr + BigInt(k), n), pos);
-            pos += n;
-          }
-          this.stats.writes++;
-          this.stats.bytesWritten += outLen;
-          return { status: S.OK, len: 0 };
-        }
-        case VIRTIO_BLK_T.FLUSH:
-          fs.fdatasyncSync(fd);
-          this.stats.flushes++;
-          return { status: S.OK, len: 0 };
-        default:
-          return undefined;
+        return { chain: c, write: false, pos: Number(sector) * SECTOR, bytes: inLen, views };
       }
+      case VIRTIO_BLK_T.OUT: {
+        if (this.opts.readOnly) return { status: S.IOERR, len: 0 };
+        const outLen = c.readableLength - 16;
+        if (!this.checkSegments(c, false) || outLen % SECTOR !== 0 || !this.inRange(sector, outLen)) return { status: S.IOERR, len: 0 };
+        const views: Uint8Array[] = [];
+        let skip = 16;
+        for (const b of c.readable) {
+          const k = Math.min(skip, b.len);
+          skip -= k;
+          const n = b.len - k;
+          if (n > 0) views.push(mem.view(b.addr + BigInt(k), n));
+        }
+        return { chain: c, write: true, pos: Number(sector) * SECTOR, bytes: outLen, views };
+      }
+      case VIRTIO_BLK_T.FLUSH:
+        try {
+          fs.fdatasyncSync(this.fh.fd);
+        } catch (e) {
+          this.opts.log.error({ err: e }, 'virtio-blk flush failed');
+          return { status: S.IOERR, len: 0 };
+        }
+        this.stats.flushes++;
+        return { status: S.OK, len: 0 };
+      default:
+        return undefined;
+    }
+  }
+
+  /**
+   * Step 2: runs a group of IN or OUT requests that are adjacent on the disk (each starts where the previous
+   * one ended) as ONE preadv/pwritev over all their guest buffers — as QEMU merges sequential requests — and
+   * completes each. If the merged call fails, each request is retried alone so an error lands on its own
+   * request only.
+   */
+  private runGroup(group: SyncIo[]): void {
+    if (group.length === 0) return;
+    const fd = this.fh!.fd;
+    const S = VIRTIO_BLK_S;
+    const done = (io: SyncIo, ok: boolean) => {
+      if (ok) {
+        if (io.write) {
+          this.stats.writes++;
+          this.stats.bytesWritten += io.bytes;
+        } else {
+          this.stats.reads++;
+          this.stats.bytesRead += io.bytes;
+        }
+      }
+      this.complete(io.chain, ok ? S.OK : S.IOERR, ok && !io.write ? io.bytes : 0, false);
+    };
+    const run = (ios: SyncIo[]) => {
+      const views = ios.length === 1 ? ios[0]!.views : ios.flatMap((io) => io.views);
+      if (ios[0]!.write) writevFullSync(fd, views, ios[0]!.pos);
+      else readvFullSync(fd, views, ios[0]!.pos);
+    };
+    try {
+      run(group);
+      for (const io of group) done(io, true);
+      return;
     } catch (e) {
-      this.opts.log.error({ err: e }, 'virtio-blk request failed');
-      return { status: S.IOERR, len: 0 };
+      if (group.length === 1) {
+        this.opts.log.error({ err: e }, 'virtio-blk request failed');
+        done(group[0]!, false);
+        return;
+      }
+    }
+    for (const io of group) {
+      try {
+        run([io]);
+        done(io, true);
+      } catch (e) {
+        this.opts.log.error({ err: e }, 'virtio-blk request failed');
+        done(io, false);
+      }
     }
   }
 
@@ -587,6 +658,52 @@ function writeStatus(mem: GuestMemory, c: DescriptorChain, status: number): void
       mem.writeU8(b.addr + BigInt(b.len - 1), status);
       return;
     }
+  }
+}
+
+/** One synchronous IN/OUT request ready to run (views alias the guest's buffers). */
+interface SyncIo {
+  chain: DescriptorChain;
+  write: boolean;
+  pos: number;
+  bytes: number;
+  views: Uint8Array[];
+}
+
+/** Limits of one merged preadv/pwritev (IOV_MAX is 1024 on Linux). */
+const MERGE_MAX_IOVS = 1024;
+const MERGE_MAX_BYTES = 4 << 20;
+
+/** preadv until every view is full; past the end of the file (it shrank) the rest reads as zeros. */
+function readvFullSync(fd: number, views: Uint8Array[], pos: number): void {
+  if (views.length === 1) return readFullSync(fd, views[0]!, pos);
+  let rest = views;
+  for (;;) {
+    let n = fs.readvSync(fd, rest, pos);
+    if (n === 0) {
+      for (const v of rest) v.fill(0);
+      return;
+    }
+    pos += n;
+    let i = 0;
+    while (i < rest.length && n >= rest[i]!.length) n -= rest[i++]!.length;
+    if (i >= rest.length) return;
+    rest = [rest[i]!.subarray(n), ...rest.slice(i + 1)];
+  }
+}
+
+/** pwritev until everything is written. */
+function writevFullSync(fd: number, views: Uint8Array[], pos: number): void {
+  if (views.length === 1) return writeFullSync(fd, views[0]!, pos);
+  let rest = views;
+  for (;;) {
+    let n = fs.writevSync(fd, rest, pos);
+    if (n <= 0) throw new KvmkitError('KVMKIT_ERR_VIRTIO_BLK_IO', 'short write');
+    pos += n;
+    let i = 0;
+    while (i < rest.length && n >= rest[i]!.length) n -= rest[i++]!.length;
+    if (i >= rest.length) return;
+    rest = [rest[i]!.subarray(n), ...rest.slice(i + 1)];
   }
 }
 

@@ -1,5 +1,7 @@
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import * as fs from 'node:fs';
+import nodeFs from 'node:fs';
+import { syncBuiltinESMExports } from 'node:module';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { DeviceRegistry, GuestMemory, MmioBus, PioBus, PluginHost, StateReader, StateWriter, createHooks, defaultMemoryLayout, silentLogger, tapOnly, type MachineApi, type Vm, type Logger } from '@kvmkit/kernel';
@@ -250,6 +252,66 @@ describe('virtio-blk device', () => {
     expect(ro.mem.readU8(rw.status)).toBe(ST.IOERR);
     expect(fs.readFileSync(p)[0]).toBe(0);
     await ro.t.close();
+  });
+
+  it('syncIo merges adjacent requests into one preadv/pwritev; a FLUSH ends a group; a failing merged call is retried request by request', async () => {
+    const p = image('merge.img', MiB);
+    const { drv, mem, t, d } = await dev(p, { syncIo: true });
+    const calls: number[] = [];
+    const realReadv = nodeFs.readvSync;
+    const realWritev = nodeFs.writevSync;
+    let failMerged = false;
+    nodeFs.readvSync = ((fd: number, bufs: NodeJS.ArrayBufferView[], pos?: number) => {
+      calls.push(-bufs.length);
+      if (failMerged && bufs.length > 1) throw Object.assign(new Error('EIO (test)'), { code: 'EIO' });
+      return realReadv(fd, bufs, pos);
+    }) as typeof nodeFs.readvSync;
+    nodeFs.writevSync = ((fd: number, bufs: NodeJS.ArrayBufferView[], pos?: number) => {
+      calls.push(bufs.length);
+      return realWritev(fd, bufs, pos);
+    }) as typeof nodeFs.writevSync;
+    syncBuiltinESMExports();
+    try {
+      // 3 adjacent writes (sectors 100.., 102.., 104..; the second in two segments), a FLUSH, then 2 adjacent
+      // reads of the same range and a read elsewhere.
+      const pay = (v: number, n = 1024) => Buffer.alloc(n, v);
+      const w1 = submit(drv, T.OUT, 100, { out: pay(1) });
+      const hdrW2 = Buffer.from(hdr(T.OUT, 102));
+      const w2 = drv.add(0, [{ len: 16, data: hdrW2 }, { len: 512, data: pay(2, 512) }, { len: 512, data: pay(3, 512) }, { len: 1, write: true, data: Uint8Array.of(0xff) }]);
+      const w3 = submit(drv, T.OUT, 104, { out: pay(4) });
+      const f = submit(drv, T.FLUSH, 0);
+      const r1 = submit(drv, T.IN, 100, { inLen: 2048 });
+      const r2 = submit(drv, T.IN, 104, { inLen: 1024, inSegs: 2 });
+      const r3 = submit(drv, T.IN, 500, { inLen: 512 });
+      drv.kick(0);
+      expect(calls).toEqual([4, -3]); // one pwritev of 4 views, one preadv of 3 views; r3 alone (one view: plain pread)
+      expect(drv.takeUsed(0).map((u) => u.id)).toEqual([w1.head, w2.head, w3.head, f.head, r1.head, r2.head, r3.head]);
+      for (const st of [w1.status, w2.addrs[3]!, w3.status, f.status, r1.status, r2.status, r3.status]) expect(mem.readU8(st)).toBe(ST.OK);
+      const img = fs.readFileSync(p);
+      expect(img.subarray(100 * 512, 102 * 512).every((x) => x === 1)).toBe(true);
+      expect(img.subarray(102 * 512, 103 * 512).every((x) => x === 2)).toBe(true);
+      expect(img.subarray(103 * 512, 104 * 512).every((x) => x === 3)).toBe(true);
+      expect(img.subarray(104 * 512, 106 * 512).every((x) => x === 4)).toBe(true);
+      expect(mem.read(r1.data[0]!, 2048).every((x, i) => x === (i < 1024 ? 1 : i < 1536 ? 2 : 3))).toBe(true);
+      expect(mem.read(r2.data[0]!, 512).every((x) => x === 4) && mem.read(r2.data[1]!, 512).every((x) => x === 4)).toBe(true);
+      expect(mem.readU32(r3.data[0]!)).toBe(500);
+      expect(d.stats).toMatchObject({ reads: 3, writes: 3, flushes: 1, bytesRead: 3584, bytesWritten: 3072, errors: 0 });
+      // merged call fails: each request is retried alone (and succeeds here)
+      calls.length = 0;
+      failMerged = true;
+      const a = submit(drv, T.IN, 0, { inLen: 512 });
+      const b = submit(drv, T.IN, 1, { inLen: 512 });
+      drv.kick(0);
+      expect(calls).toEqual([-2]);
+      expect(drv.takeUsed(0).map((u) => u.id)).toEqual([a.head, b.head]);
+      expect([mem.readU8(a.status), mem.readU8(b.status)]).toEqual([ST.OK, ST.OK]);
+      expect([mem.readU32(a.data[0]!), mem.readU32(b.data[0]!)]).toEqual([0, 1]);
+    } finally {
+      nodeFs.readvSync = realReadv;
+      nodeFs.writevSync = realWritev;
+      syncBuiltinESMExports();
+    }
+    await t.close();
   });
 
   it('syncIo with pollUs: serves, polls, leaves used.flags NO_NOTIFY cleared; a full ring of big reads completes without another notification', async () => {
