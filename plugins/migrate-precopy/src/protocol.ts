@@ -23,6 +23,8 @@ export const PROTOCOL_VERSION = 1;
 export const FRAME_MAGIC = 0x4d4d564b; // "KVMM" little-endian
 export const FRAME_HEADER = 12;
 export const MAX_PAYLOAD = 64 * 1024 * 1024;
+/** Bytes a sender lets queue in its socket before it waits for 'drain'. */
+const QUEUE = 4 * 1024 * 1024;
 export const PAGE = 4096;
 
 export const F = {
@@ -179,7 +181,9 @@ export class Channel {
   async sendFrame(b: Buffer): Promise<void> {
     if (this.failure) throw this.failure;
     this.bytesSent += b.length;
-    if (!this.socket.write(b)) {
+    // Keep up to QUEUE bytes queued in the socket: waiting for 'drain' after every frame leaves the socket
+    // empty while the next frame is built (both ends then idle half the time).
+    if (!this.socket.write(b) && this.socket.writableLength > QUEUE) {
       await new Promise<void>((res, rej) => {
         const onDrain = () => { this.socket.off('close', onClose); res(); };
         const onClose = () => { this.socket.off('drain', onDrain); rej(this.failure ?? migErr('KVMKIT_ERR_MIGRATE_STREAM', 'migration stream closed')); };

@@ -42,11 +42,16 @@ export interface MigrationReport {
   phases: { pause: number; finalPages: number; state: number; restore: number; commit: number };
 }
 
+/** Pages per PAGES frame (1 MiB of data: 4 MiB frames measured slower at the destination). */
 const BATCH = 256;
 const ZERO_PAGE = Buffer.alloc(PAGE);
 
-function pageBuf(r: MemoryRegion, p: number): Buffer {
-  return Buffer.from(r.bytes.buffer, r.bytes.byteOffset + p * PAGE, PAGE);
+/** A Buffer view of a region's RAM, made once per region (per-page views would allocate per page). */
+const views = new WeakMap<Uint8Array, Buffer>();
+function ramView(r: MemoryRegion): Buffer {
+  let v = views.get(r.bytes);
+  if (!v) views.set(r.bytes, (v = Buffer.from(r.bytes.buffer, r.bytes.byteOffset, r.bytes.byteLength)));
+  return v;
 }
 
 class Sender {
@@ -59,22 +64,29 @@ class Sender {
 
   /** Sends `pages` of region `ri`; zero pages are skipped (round 0) or sent as ZERO markers. */
   async send(ri: number, r: MemoryRegion, pages: Iterable<number>, skipZero: boolean): Promise<void> {
-    let data: number[] = [];
+    const ram = ramView(r);
+    const data = new Uint32Array(BATCH);
+    let nd = 0;
     let zero: number[] = [];
     const flushData = async () => {
-      if (data.length === 0) return;
+      if (nd === 0) return;
       const tf = performance.now();
-      const n = data.length;
+      const n = nd;
       const { frame, payload: b } = allocFrame(F.PAGES, 8 + 4 * n + PAGE * n);
       b.writeUInt32LE(ri, 0);
       b.writeUInt32LE(n, 4);
-      data.forEach((p, k) => {
-        b.writeUInt32LE(p, 8 + 4 * k);
-        b.set(pageBuf(r, p), 8 + 4 * n + PAGE * k);
-      });
+      new Uint8Array(b.buffer, b.byteOffset + 8, 4 * n).set(new Uint8Array(data.buffer, 0, 4 * n)); // u32 LE (x86 host)
+      // consecutive pages are copied as one run
+      const base = 8 + 4 * n;
+      for (let k = 0; k < n; ) {
+        let j = k + 1;
+        while (j < n && data[j] === data[j - 1]! + 1) j++;
+        ram.copy(b, base + PAGE * k, data[k]! * PAGE, (data[j - 1]! + 1) * PAGE);
+        k = j;
+      }
       this.pagesSent += n;
       this.dataBytes += b.length;
-      data = [];
+      nd = 0;
       await this.ch.sendFrame(sealFrame(frame));
       this.sendMs += performance.now() - tf;
     };
@@ -89,7 +101,7 @@ class Sender {
       await this.ch.send(F.ZERO, b);
     };
     for (const p of pages) {
-      if (ZERO_PAGE.equals(pageBuf(r, p))) {
+      if (ZERO_PAGE.compare(ram, p * PAGE, (p + 1) * PAGE) === 0) {
         if (skipZero) this.zeroSkipped++;
         else {
           zero.push(p);
@@ -97,8 +109,8 @@ class Sender {
         }
         continue;
       }
-      data.push(p);
-      if (data.length >= BATCH) await flushData();
+      data[nd++] = p;
+      if (nd >= BATCH) await flushData();
     }
     await flushData();
     await flushZero();

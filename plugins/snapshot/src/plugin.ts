@@ -50,8 +50,9 @@ export default function snapshotPlugin(options: SnapshotPluginOptions = {}): Plu
           const mem = machine.memory;
           if (vm && mem) {
             for (const r of mem.regions) {
+              // Just switched on, KVM's log (and the VMM's) is empty: reading it would only cost an ioctl.
               if (!t.logging) vm.setDirtyLogging(r.slot, true);
-              vm.getDirtyLog(r.slot);
+              else vm.getDirtyLog(r.slot);
               t.pending.set(r.slot, new Uint8Array(Math.ceil(r.size / 4096 / 64) * 8));
             }
             t.logging = true;

@@ -54,10 +54,15 @@ export function newTracker(): Tracker {
 export function collectDirty(m: MachineApi, t: Tracker): void {
   const vm = m.vm!;
   for (const r of m.memory!.regions) {
-    if (!t.logging) vm.setDirtyLogging(r.slot, true);
+    if (!t.logging) {
+      // Just switched on: KVM's log (and the VMM's) is empty, reading it would only cost an ioctl.
+      vm.setDirtyLogging(r.slot, true);
+      t.pending.set(r.slot, new Uint8Array(Math.ceil(r.size / PAGE / 64) * 8));
+      continue;
+    }
     const bm = vm.getDirtyLog(r.slot);
     const acc = t.pending.get(r.slot);
-    if (!acc || !t.logging) t.pending.set(r.slot, bm.slice());
+    if (!acc) t.pending.set(r.slot, bm.slice());
     else for (let i = 0; i < acc.length; i++) acc[i]! |= bm[i]!;
   }
   t.logging = true;
