@@ -47,6 +47,11 @@ export interface MemoryRange {
   offset: number;
   /** Diff only: page indexes within the range, u32 little-endian. */
   pages?: Uint8Array;
+  /**
+   * Full, format 2: 1 bit per 64 KiB block of the range (LSB first), set where the block is all zero (a hole in
+   * the memory file). Eager restore does not read those blocks.
+   */
+  zero?: Uint8Array;
 }
 
 export interface SnapshotBody {
@@ -172,6 +177,7 @@ function checkBody(x: unknown, path: string, version: number): SnapshotBody {
   let expect = 0;
   for (const r of m.ranges) {
     if (typeof r.gpa !== 'bigint' || !Number.isSafeInteger(r.size) || r.size <= 0 || r.size % PAGE !== 0 || r.offset !== expect) throw bad('memory range');
+    if (r.zero !== undefined && (version < 2 || b.kind !== 'full' || !(r.zero instanceof Uint8Array) || r.zero.byteLength !== Math.ceil(Math.ceil(r.size / 65536) / 8))) throw bad('memory range zero map');
     if (b.kind === 'diff') {
       if (!(r.pages instanceof Uint8Array) || r.pages.byteLength % 4 !== 0) throw bad('memory range pages');
       const idx = pageList(r);

@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { MemoryRegion } from '@kvmkit/kernel';
 import { encodeStateFile, readStateFile, FORMAT_VERSION, type SnapshotBody } from './format.js';
-import { TreeHash, memoryHasher, writeFullMemory, writeDiffMemory, readFullMemory, applyDiffMemory } from './memfile.js';
+import { TreeHash, memoryHasher, writeFullMemory, writeDiffMemory, readFullMemory, readFullMemoryAsync, applyDiffMemory } from './memfile.js';
 
 const LEAF = 64 * 1024;
 const sha = (b: Uint8Array) => createHash('sha256').update(b).digest();
@@ -71,9 +71,24 @@ describe('memory files', () => {
     readFullMemory(path, w.ranges, w.size, w.sha256, w.hash, (i) => back[i]!);
     expect(Buffer.from(back[0]!).equals(a.bytes)).toBe(true);
     expect(Buffer.from(back[1]!).equals(b.bytes)).toBe(true);
+    // zero-block maps: range a has data in blocks 1, 2 and 63 (its last), range b in block 0
+    expect(w.ranges[0]!.zero).toEqual(Uint8Array.from([0xf9, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]));
+    expect(w.ranges[1]!.zero).toEqual(Uint8Array.from([0xfe, 0xff]));
+    // the async reader (direct requested on unaligned buffers: falls back), into targets with stale bytes in a zero block
+    for (const direct of [false, true]) {
+      const t = [new Uint8Array((4 << 20) + 1).subarray(1), new Uint8Array(1 << 20)];
+      t[0]![5 * LEAF + 3] = 9;
+      t[1]![(1 << 20) - 1] = 9;
+      await readFullMemoryAsync(path, w.ranges, w.size, w.sha256, w.hash, (i) => t[i]!, direct);
+      expect(Buffer.from(t[0]!).equals(a.bytes)).toBe(true);
+      expect(Buffer.from(t[1]!).equals(b.bytes)).toBe(true);
+    }
     file[2 * LEAF + 5]! ^= 1;
     writeFileSync(path, file);
     expect(() => readFullMemory(path, w.ranges, w.size, w.sha256, w.hash, (i) => back[i]!)).toThrow(expect.objectContaining({ code: 'KVMKIT_ERR_SNAPSHOT_CHECKSUM' }));
+    await expect(readFullMemoryAsync(path, w.ranges, w.size, w.sha256, w.hash, (i) => back[i]!, false)).rejects.toMatchObject({ code: 'KVMKIT_ERR_SNAPSHOT_CHECKSUM' });
+    writeFileSync(path, file.subarray(0, file.length - 4096));
+    await expect(readFullMemoryAsync(path, w.ranges, w.size, w.sha256, w.hash, (i) => back[i]!, false)).rejects.toMatchObject({ code: 'KVMKIT_ERR_SNAPSHOT_TRUNCATED' });
   });
 
   it('an O_DIRECT write the kernel refuses (unaligned buffer) falls back to buffered writes', async () => {

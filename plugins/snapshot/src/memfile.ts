@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { openSync, closeSync, writeSync, readSync, fsyncSync, ftruncateSync, renameSync, unlinkSync, fstatSync, write as fsWrite, constants as fsConstants } from 'node:fs';
+import { openSync, closeSync, writeSync, readSync, fsyncSync, ftruncateSync, renameSync, unlinkSync, fstatSync, write as fsWrite, read as fsRead, constants as fsConstants } from 'node:fs';
 import type { MemoryRegion } from '@kvmkit/kernel';
 import { PAGE, tmpName, type MemoryRange, pageList, MEMORY_HASH, type MemoryHash } from './format.js';
 import { ioErr, snapErr } from './errors.js';
@@ -181,13 +181,16 @@ export async function writeFullMemory(path: string, regions: readonly MemoryRegi
     w = new MemWriter(tmp, total, regions.every((r) => r.hva !== 0n && r.hva % 4096n === 0n));
     let pos = 0;
     for (const r of regions) {
-      ranges.push({ gpa: r.gpa, size: r.size, offset: pos });
+      const zero = new Uint8Array(zeroMapBytes(r.size));
+      ranges.push({ gpa: r.gpa, size: r.size, offset: pos, zero });
       for (let off = 0; off < r.size; off += CHUNK) {
         const chunk = r.bytes.subarray(off, Math.min(r.size, off + CHUNK));
         let run = -1;
         for (let b = 0; b < chunk.byteLength; b += BLOCK) {
           const blk = chunk.subarray(b, b + BLOCK);
           if (isZero(blk)) {
+            const k = (off + b) / BLOCK;
+            zero[k >>> 3]! |= 1 << (k & 7);
             if (run >= 0) await w.write(chunk.subarray(run, b), pos + off + run);
             run = -1;
           } else if (run < 0) run = b;
@@ -287,9 +290,48 @@ function readAll(fd: number, into: Uint8Array, pos: number, path: string): void 
   }
 }
 
+/** Bytes of a range's zero-block map (1 bit per 64 KiB block, LSB first). */
+export function zeroMapBytes(size: number): number {
+  return Math.ceil(Math.ceil(size / BLOCK) / 8);
+}
+
+/** The blocks of `r` to read: runs [start, end) of byte offsets within the range, zero blocks left out. */
+function dataRuns(r: MemoryRange, from: number, to: number): Array<[number, number]> {
+  const z = r.zero;
+  if (!z) return [[from, to]];
+  const out: Array<[number, number]> = [];
+  let run = -1;
+  for (let off = from; off < to; off += BLOCK) {
+    const k = off / BLOCK;
+    if ((z[k >>> 3]! >>> (k & 7)) & 1) {
+      if (run >= 0) out.push([run, off]);
+      run = -1;
+    } else if (run < 0) run = off;
+  }
+  if (run >= 0) out.push([run, to]);
+  return out;
+}
+
+/** Zero blocks are not read: the target must hold zeros there (fresh RAM does; anything else is cleared). */
+function clearZeroBlocks(r: MemoryRange, view: Uint8Array, from: number): void {
+  const z = r.zero;
+  if (!z) return;
+  for (let b = 0; b < view.byteLength; b += BLOCK) {
+    const k = (from + b) / BLOCK;
+    if ((z[k >>> 3]! >>> (k & 7)) & 1) {
+      const blk = view.subarray(b, b + BLOCK);
+      if (!isZero(blk)) blk.fill(0);
+    }
+  }
+}
+
+function checkDigest(path: string, got: string, sha256: string): void {
+  if (got !== sha256) throw snapErr('KVMKIT_ERR_SNAPSHOT_CHECKSUM', `memory file ${path}: sha256 mismatch (file corrupt)`, { path, expected: sha256, actual: got });
+}
+
 /**
- * Reads a full snapshot's memory file into `target(rangeIndex)` views, verifying size and sha256.
- * `target` returns the host bytes of the range (a region view, or a buffer).
+ * Reads a full snapshot's memory file into `target(rangeIndex)` views, verifying size and checksum. Blocks
+ * the state file lists as zero (format 2) are not read. `target` returns the host bytes of the range.
  */
 export function readFullMemory(path: string, ranges: readonly MemoryRange[], size: number, sha256: string, alg: MemoryHash, target: (i: number) => Uint8Array, progress?: Progress): void {
   const fd = openChecked(path, size);
@@ -298,16 +340,81 @@ export function readFullMemory(path: string, ranges: readonly MemoryRange[], siz
     ranges.forEach((r, i) => {
       const dst = target(i);
       for (let off = 0; off < r.size; off += CHUNK) {
-        const view = dst.subarray(off, Math.min(r.size, off + CHUNK));
-        readAll(fd, view, r.offset + off, path);
+        const end = Math.min(r.size, off + CHUNK);
+        const view = dst.subarray(off, end);
+        for (const [a, b] of dataRuns(r, off, end)) readAll(fd, dst.subarray(a, b), r.offset + a, path);
+        clearZeroBlocks(r, view, off);
         hash.update(view);
         progress?.add(view.byteLength);
       }
     });
-    const got = hash.digest();
-    if (got !== sha256) throw snapErr('KVMKIT_ERR_SNAPSHOT_CHECKSUM', `memory file ${path}: sha256 mismatch (file corrupt)`, { path, expected: sha256, actual: got });
+    checkDigest(path, hash.digest(), sha256);
   } finally {
     closeSync(fd);
+  }
+}
+
+/**
+ * readFullMemory for guest RAM (`direct`: page-aligned mmap'd targets): O_DIRECT reads (buffered fallback)
+ * in libuv's pool, straight into guest RAM, while the main thread hashes the chunk before.
+ */
+export async function readFullMemoryAsync(path: string, ranges: readonly MemoryRange[], size: number, sha256: string, alg: MemoryHash, target: (i: number) => Uint8Array, direct: boolean, progress?: Progress): Promise<void> {
+  closeSync(openChecked(path, size));
+  let dfd = -1;
+  let pfd = -1;
+  if (direct && typeof fsConstants.O_DIRECT === 'number' && fsConstants.O_DIRECT > 0) {
+    try { dfd = openSync(path, fsConstants.O_RDONLY | fsConstants.O_DIRECT); } catch (e) { if ((e as NodeJS.ErrnoException).code !== 'EINVAL') throw ioErr(e, 'snapshot memory file', path); }
+  }
+  const plainFd = (): number => (pfd >= 0 ? pfd : (pfd = openSync(path, 'r')));
+  const readAt = (into: Uint8Array, pos: number): Promise<void> =>
+    new Promise<void>((res, rej) => {
+      const step = (off: number): void => {
+        if (off >= into.byteLength) return res();
+        const useDirect = dfd >= 0 && pfd < 0;
+        let fd: number;
+        try { fd = useDirect ? dfd : plainFd(); } catch (e) { return rej(e); }
+        fsRead(fd, into, off, into.byteLength - off, pos + off, (e, n) => {
+          if (e) {
+            if (e.code === 'EINVAL' && useDirect) {
+              try { plainFd(); } catch (e2) { return rej(e2); }
+              return step(off);
+            }
+            return rej(e);
+          }
+          if (n <= 0) return rej(snapErr('KVMKIT_ERR_SNAPSHOT_TRUNCATED', `memory file ${path}: short read at ${pos + off}`, { path }));
+          step(off + n);
+        });
+      };
+      step(0);
+    });
+  const chunks: Array<{ r: MemoryRange; view: Uint8Array; off: number; done: Promise<unknown> }> = [];
+  try {
+    if (dfd < 0) plainFd();
+    const hash = memoryHasher(alg);
+    const settle = async (c: (typeof chunks)[number]) => {
+      await c.done;
+      clearZeroBlocks(c.r, c.view, c.off);
+      hash.update(c.view);
+      progress?.add(c.view.byteLength);
+    };
+    for (const [i, r] of ranges.entries()) {
+      const dst = target(i);
+      for (let off = 0; off < r.size; off += CHUNK) {
+        const end = Math.min(r.size, off + CHUNK);
+        const done = Promise.all(dataRuns(r, off, end).map(([a, b]) => readAt(dst.subarray(a, b), r.offset + a)));
+        done.catch(() => { /* awaited in settle */ });
+        chunks.push({ r, view: dst.subarray(off, end), off, done });
+        if (chunks.length > IN_FLIGHT) await settle(chunks.shift()!);
+      }
+    }
+    while (chunks.length > 0) await settle(chunks.shift()!);
+    checkDigest(path, hash.digest(), sha256);
+  } catch (e) {
+    await Promise.allSettled(chunks.map((c) => c.done));
+    throw ioErr(e, 'reading snapshot memory', path);
+  } finally {
+    if (dfd >= 0) closeSync(dfd);
+    if (pfd >= 0) closeSync(pfd);
   }
 }
 

@@ -2,7 +2,7 @@ import { openSync, closeSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { Machine, ffi, KvmkitError, type MachineConfig, type Plugin, type Logger, type StateSection, type MemoryBacking } from '@kvmkit/kernel';
 import { readStateFile, hostInfo, type LoadedSnapshot, type HostInfo } from './format.js';
-import { readFullMemory, applyDiffMemory, checkMemorySize, memoryHasher } from './memfile.js';
+import { readFullMemoryAsync, applyDiffMemory, checkMemorySize, memoryHasher } from './memfile.js';
 import { Progress, type ProgressCallback } from './progress.js';
 import { snapErr, ioErr } from './errors.js';
 import type { SnapshotApi } from './plugin.js';
@@ -169,7 +169,8 @@ export function restorePlugin(options: RestoreOptions, getMachine: () => Machine
         const base = chain[0]!;
         if (mode === 'eager') {
           const p = new Progress('restore memory', base.body.memory.size, options.onProgress, show);
-          readFullMemory(base.memoryPath, base.body.memory.ranges, base.body.memory.size, base.body.memory.sha256, base.body.memory.hash ?? 'sha256', view(base.body.memory.ranges), p);
+          const direct = regions.every((x) => x.hva !== 0n && x.hva % 4096n === 0n);
+          await readFullMemoryAsync(base.memoryPath, base.body.memory.ranges, base.body.memory.size, base.body.memory.sha256, base.body.memory.hash ?? 'sha256', view(base.body.memory.ranges), direct, p);
           p.done();
           info.bytesRead += base.body.memory.size;
         } else if (options.verify === true) {
