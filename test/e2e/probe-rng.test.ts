@@ -5,6 +5,7 @@
  */
 import { describe, it, expect, beforeAll } from 'vitest';
 import { Machine, silentLogger, type Plugin, type StopReason } from '@kvmkit/kernel';
+import { VIRTIO_ID, VirtioDevice, useVirtioMmio } from '@kvmkit/virtio';
 import bootLinux from '@kvmkit/plugin-boot-linux';
 import serial from '@kvmkit/plugin-serial';
 import platformPc from '@kvmkit/plugin-platform-pc';
@@ -86,4 +87,40 @@ describe.skipIf(!hasKvm || !qemu)('probe virtio-rng driver on QEMU microvm', () 
     expect(Number(rng?.fields.requests)).toBeGreaterThanOrEqual(64);
     console.log(`[probe-rng] qemu: ${rng?.raw}`);
   }, 60_000);
+});
+
+/** virtio-rng that completes its second request wrongly. */
+class EvilRng extends VirtioDevice {
+  readonly deviceId = VIRTIO_ID.RNG;
+  readonly name = 'evil-rng';
+  readonly queueSizes = [8];
+  readonly features = 0n;
+  private n = 0;
+  constructor(private readonly evil: 'zero' | 'long' | 'id') {
+    super();
+  }
+  processQueue(q: number): void {
+    const vq = this.ctx.queue(q);
+    for (let c = vq.pop(); c; c = vq.pop()) {
+      const len = c.write(this.ctx.memory, Uint8Array.from({ length: c.writableLength }, () => (Math.random() * 256) | 0));
+      if (this.n++ === 0) vq.pushUsed(c, len);
+      else if (this.evil === 'zero') vq.pushUsed(c, 0);
+      else if (this.evil === 'long') vq.pushUsed(c, c.writableLength + 1);
+      else vq.pushUsed((c.head + 1) % 8, len);
+    }
+    this.ctx.signalUsed(q);
+  }
+}
+
+describe.skipIf(!hasKvm)('probe virtio-rng driver against a misbehaving device (kvmkit)', () => {
+  it.each([
+    ['zero', 'rng_used_len_zero'],
+    ['long', 'rng_used_len'],
+    ['id', 'rng_used_id'],
+  ] as const)('%s → PROBE error %s', async (evil, err) => {
+    const plugin: Plugin = { name: 'evil-rng', version: '0.1.0', kernel: '^0.1.0', provides: ['virtio-device+'], options: {}, apply: (m) => void useVirtioMmio(m, 'evil-rng', () => new EvilRng(evil)) };
+    const { out, r } = await probeKvmkit('probe.test=rng', [plugin]);
+    expect(out).toContain(`PROBE error ${err} `);
+    expect(r.exitCode, out).toBe(1);
+  }, 30_000);
 });

@@ -286,14 +286,19 @@ static void handle_ipv4(const u8 *f, u32 len)
     else st.ignored++;
 }
 
-/* Takes every used RX buffer, validates and handles it, re-posts it; one publish + kick per batch. */
+/* Takes every used RX buffer, validates and handles it; re-posts the batch afterwards (so a buffer the
+ * device reports twice is caught), with one publish + notify (the spec requires the notification unless
+ * the device set VIRTQ_USED_F_NO_NOTIFY; skipping it while the device still held buffers lost frames on
+ * kvmkit). */
+static u16 rx_done[QSIZE];
 static void rx_poll(void)
 {
     u32 id, len;
-    int n = 0;
+    u32 n = 0;
     while (vq_poll(&rxq, &id, &len)) {
         if (!rx_posted[id]) net_fail("rx_used_id", id);
         rx_posted[id] = 0;
+        rx_done[n++] = (u16)id;
         if (len < HDR + ETH || len > BUF) net_fail("rx_used_len", len);
         const u8 *b = rxbuf[id];
         if ((b[0] & ~VNET_HDR_F_DATA_VALID) || b[1] != 0) net_fail("rx_hdr", (u64)b[1] << 8 | b[0]);
@@ -308,11 +313,8 @@ static void rx_poll(void)
         } else {
             st.ignored++;                                 /* multicast (IPv6 ND, ...) or another MAC */
         }
-        rx_post((u16)id);
-        n++;
     }
-    /* Re-post the batch with one notification (the spec requires one unless the device set
-     * VIRTQ_USED_F_NO_NOTIFY; skipping it while the device still held buffers lost frames on kvmkit). */
+    for (u32 i = 0; i < n; i++) rx_post(rx_done[i]);
     if (n) { vq_publish(&rxq); kick_if_wanted(&rxq); }
 }
 
