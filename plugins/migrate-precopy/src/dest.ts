@@ -167,11 +167,21 @@ async function receiveInto(ch: Channel, machine: Machine, hello: Hello, report: 
       const want = 8 + 4 * n + (f.type === F.PAGES ? PAGE * n : 0);
       if (!r || p.length !== want) throw bad('page');
       const max = r.size / PAGE;
+      const idx = new Uint32Array(n);
       for (let k = 0; k < n; k++) {
         const pg = p.readUInt32LE(8 + 4 * k);
         if (pg >= max) throw bad('page (index out of range)');
-        if (f.type === F.PAGES) r.bytes.set(p.subarray(8 + 4 * n + PAGE * k, 8 + 4 * n + PAGE * (k + 1)), pg * PAGE);
-        else r.bytes.fill(0, pg * PAGE, (pg + 1) * PAGE);
+        idx[k] = pg;
+      }
+      // consecutive pages (all of round 0) go in as one run
+      const base = 8 + 4 * n;
+      for (let k = 0; k < n; ) {
+        let j = k + 1;
+        while (j < n && idx[j] === idx[j - 1]! + 1) j++;
+        const at = idx[k]! * PAGE;
+        if (f.type === F.PAGES) r.bytes.set(p.subarray(base + PAGE * k, base + PAGE * j), at);
+        else r.bytes.fill(0, at, at + PAGE * (j - k));
+        k = j;
       }
       if (f.type === F.PAGES) report.pages += n;
       else report.zeroPages += n;
