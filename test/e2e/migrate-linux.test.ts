@@ -23,6 +23,8 @@ import { findGuestKernel, findExecutable, guestKernelHelp } from '@kvmkit/testki
 import { hasKvm, spawnJsonChild } from './helpers.js';
 
 const slow = process.env.KVMKIT_SLOW === '1';
+/** How long a boot may take to reach /init (KVMKIT_LINUX_TIMEOUT_S; CI sets it lower). */
+const LIMIT_MS = Number(process.env.KVMKIT_LINUX_TIMEOUT_S ?? 600) * 1000;
 const kernel = findGuestKernel();
 const onPvm = existsSync('/sys/module/kvm_pvm');
 const DEST = fileURLToPath(new URL('./fixtures/linux-migrate-dest.mjs', import.meta.url));
@@ -89,7 +91,7 @@ describe.skipIf(!!why)('Linux guest live migration with ping (KVMKIT_SLOW=1)', (
         throw new Error(`source guest stopped: ${JSON.stringify(r)}\n${con.text().slice(-3000)}`);
       });
       stopped.catch(() => undefined);
-      await Promise.race([con.waitFor(/Run \/init as init process/, 600_000), stopped]);
+      await Promise.race([con.waitFor(/Run \/init as init process/, LIMIT_MS), stopped]);
       const initS = (performance.now() - t0) / 1000;
       ping = pinger(ns, '10.77.1.2');
       await ping.waitReplies(() => ping!.replies.length >= 5, 30_000, '5 replies from the source');
@@ -128,5 +130,5 @@ describe.skipIf(!!why)('Linux guest live migration with ping (KVMKIT_SLOW=1)', (
       try { ip('netns', 'del', ns); } catch { /* already gone */ }
       rmSync(dir, { recursive: true, force: true });
     }
-  }, 900_000);
+  }, LIMIT_MS + 120_000);
 });
