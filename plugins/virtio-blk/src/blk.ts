@@ -214,8 +214,9 @@ export class VirtioBlk extends VirtioDevice {
       suppressed = on;
     };
     try {
-      // While this serves and polls, the driver need not notify (VIRTQ_USED_F_NO_NOTIFY).
-      if (pollMs > 0) suppress(true);
+      // While this serves (and polls), the driver need not notify (VIRTQ_USED_F_NO_NOTIFY), as QEMU does while
+      // it processes a queue: requests published meanwhile are picked up by the pop loop below.
+      if (this.syncIo) suppress(true);
       for (;;) {
         const limited = this.drain(q, vq.size);
         // A driver that keeps the ring full must not starve the event loop (serial, timers, other devices).
@@ -670,9 +671,14 @@ interface SyncIo {
   views: Uint8Array[];
 }
 
-/** Limits of one merged preadv/pwritev (IOV_MAX is 1024 on Linux). */
+/**
+ * Limits of one merged preadv/pwritev (IOV_MAX is 1024 on Linux). 64 KiB: merging pays where the syscall
+ * dominates (small requests: 8 x 4 KiB reads went ~2x faster); for big requests the copy dominates and
+ * completing each as soon as it is copied lets the driver refill sooner (64 KiB reads at depth 8: ~1.5 GiB/s
+ * unmerged vs ~0.9 GiB/s merged up to 4 MiB, nested dev host).
+ */
 const MERGE_MAX_IOVS = 1024;
-const MERGE_MAX_BYTES = 4 << 20;
+const MERGE_MAX_BYTES = 64 << 10;
 
 /** preadv until every view is full; past the end of the file (it shrank) the rest reads as zeros. */
 function readvFullSync(fd: number, views: Uint8Array[], pos: number): void {

@@ -237,6 +237,7 @@ describe('virtio-blk device', () => {
       { id: odd.head, len: 1 },
     ]);
     expect(irqs() - before).toBe(1);
+    expect(mem.readU16(drv.queues[0]!.used)).toBe(0); // NO_NOTIFY (set while serving) is cleared again
     expect([r, f, bad, odd].map((x) => mem.readU8(x.status))).toEqual([ST.OK, ST.OK, ST.IOERR, ST.IOERR]);
     expect(mem.readU8(w.addrs[2]!)).toBe(ST.OK);
     expect([0, 1, 2].map((i) => mem.readU32(r.data[i]!))).toEqual([3, 4, 5]);
