@@ -4,7 +4,8 @@
 // Guests: the ring-3 workload of plugins/snapshot/fixtures/workload.mjs (boot-flat). "dense" = every RAM page
 // past the workload area filled by the host with non-zero bytes before the snapshot (worst case: nothing is a
 // hole); "idle" = untouched RAM (zero pages become holes in the sparse memory file / are skipped in migration).
-// Restores and migration destinations run in separate processes (plugins/*/fixtures). The page cache is warm.
+// Restores and migration destinations run in separate processes (plugins/*/fixtures). Full saves write the
+// memory file with O_DIRECT, so the restores right after a save find it outside the page cache (read from disk).
 import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, mkdirSync, writeFileSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
