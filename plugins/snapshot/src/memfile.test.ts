@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { MemoryRegion } from '@kvmkit/kernel';
 import { encodeStateFile, readStateFile, FORMAT_VERSION, type SnapshotBody } from './format.js';
-import { TreeHash, memoryHasher, writeFullMemory, writeDiffMemory, readFullMemory, readFullMemoryAsync, applyDiffMemory } from './memfile.js';
+import { TreeHash, memoryHasher, writeFullMemory, writeDiffMemory, readFullMemory, readFullMemoryAsync, applyDiffMemory, verifyMemoryFile } from './memfile.js';
 
 const LEAF = 64 * 1024;
 const sha = (b: Uint8Array) => createHash('sha256').update(b).digest();
@@ -83,6 +83,13 @@ describe('memory files', () => {
       expect(Buffer.from(t[0]!).equals(a.bytes)).toBe(true);
       expect(Buffer.from(t[1]!).equals(b.bytes)).toBe(true);
     }
+    // lazy + verify's reader: the whole file (holes included) through scratch buffers
+    const scratch = Array.from({ length: 3 }, () => new Uint8Array((8 << 20) + 1).subarray(1));
+    await verifyMemoryFile(path, w.size, w.sha256, w.hash, scratch, true);
+    const holed = readFileSync(path);
+    holed[6 * LEAF]! = 1; // inside a hole of range a
+    writeFileSync(path, holed);
+    await expect(verifyMemoryFile(path, w.size, w.sha256, w.hash, scratch, false)).rejects.toMatchObject({ code: 'KVMKIT_ERR_SNAPSHOT_CHECKSUM' });
     file[2 * LEAF + 5]! ^= 1;
     writeFileSync(path, file);
     expect(() => readFullMemory(path, w.ranges, w.size, w.sha256, w.hash, (i) => back[i]!)).toThrow(expect.objectContaining({ code: 'KVMKIT_ERR_SNAPSHOT_CHECKSUM' }));

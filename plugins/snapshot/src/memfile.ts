@@ -358,7 +358,7 @@ export function readFullMemory(path: string, ranges: readonly MemoryRange[], siz
  * readFullMemory for guest RAM (`direct`: page-aligned mmap'd targets): O_DIRECT reads (buffered fallback)
  * in libuv's pool, straight into guest RAM, while the main thread hashes the chunk before.
  */
-export async function readFullMemoryAsync(path: string, ranges: readonly MemoryRange[], size: number, sha256: string, alg: MemoryHash, target: (i: number) => Uint8Array, direct: boolean, progress?: Progress): Promise<void> {
+export async function readFullMemoryAsync(path: string, ranges: readonly MemoryRange[], size: number, sha256: string, alg: MemoryHash, target: (i: number) => Uint8Array, direct: boolean, progress?: Progress, depth = IN_FLIGHT): Promise<void> {
   closeSync(openChecked(path, size));
   let dfd = -1;
   let pfd = -1;
@@ -401,10 +401,13 @@ export async function readFullMemoryAsync(path: string, ranges: readonly MemoryR
       const dst = target(i);
       for (let off = 0; off < r.size; off += CHUNK) {
         const end = Math.min(r.size, off + CHUNK);
-        const done = Promise.all(dataRuns(r, off, end).map(([a, b]) => readAt(dst.subarray(a, b), r.offset + a)));
+        // settles only when every read of the chunk has (none may still write into `dst` after a failure)
+        const done = Promise.allSettled(dataRuns(r, off, end).map(([a, b]) => readAt(dst.subarray(a, b), r.offset + a))).then((rs) => {
+          for (const x of rs) if (x.status === 'rejected') throw x.reason;
+        });
         done.catch(() => { /* awaited in settle */ });
         chunks.push({ r, view: dst.subarray(off, end), off, done });
-        if (chunks.length > IN_FLIGHT) await settle(chunks.shift()!);
+        if (chunks.length > depth) await settle(chunks.shift()!);
       }
     }
     while (chunks.length > 0) await settle(chunks.shift()!);
@@ -416,6 +419,21 @@ export async function readFullMemoryAsync(path: string, ranges: readonly MemoryR
     if (dfd >= 0) closeSync(dfd);
     if (pfd >= 0) closeSync(pfd);
   }
+}
+
+/**
+ * Verifies a whole memory file against its checksum without mapping it: reads it in CHUNK pieces into `scratch`
+ * buffers (IN_FLIGHT + 1 of them, CHUNK bytes each; page-aligned ones allow O_DIRECT, so nothing goes through
+ * the page cache and holes cost no page allocation) in the thread pool while the main thread hashes.
+ */
+export async function verifyMemoryFile(path: string, size: number, sha256: string, alg: MemoryHash, scratch: readonly Uint8Array[], direct: boolean): Promise<void> {
+  if (scratch.length < 2 || scratch.some((b) => b.byteLength < CHUNK)) throw new RangeError('verifyMemoryFile: at least 2 scratch buffers of 8 MiB');
+  // One pseudo-range per chunk (no zero map: every byte is read, holes included), read into the scratch
+  // buffers in turn; readFullMemoryAsync keeps at most `depth` + 1 of them busy, hashed in order.
+  const ranges: MemoryRange[] = [];
+  for (let off = 0; off < size; off += CHUNK) ranges.push({ gpa: BigInt(off), size: Math.min(CHUNK, size - off), offset: off });
+  const depth = Math.min(IN_FLIGHT, scratch.length - 1);
+  await readFullMemoryAsync(path, ranges, size, sha256, alg, (i) => scratch[i % scratch.length]!.subarray(0, ranges[i]!.size), direct, undefined, depth);
 }
 
 /** Reads a diff's memory file (verified: size, sha256) and applies its pages to `target(rangeIndex)`. */
