@@ -75,8 +75,8 @@ export interface RestoreOptions {
   /** 'eager' (default): read and verify all memory before the vCPUs start. 'lazy': map the memory file MAP_PRIVATE. */
   mode?: 'eager' | 'lazy';
   /**
-   * lazy only: also verify the base memory file's sha256 by hashing the mapping before the vCPUs start (reads
-   * the file through the page cache, no copy into anonymous memory; about the cost of sha256 alone). Default false.
+   * lazy only: also verify the base memory file's checksum before the vCPUs start (reads the whole file with
+   * O_DIRECT into scratch buffers: no page-cache pages, no copy into guest RAM). Default false.
    */
   verify?: boolean;
   /** Start dirty tracking with this snapshot as the base, so a 'diff' can follow (needs the snapshot plugin). Default true. */
