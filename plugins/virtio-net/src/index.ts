@@ -5,7 +5,7 @@ import { Tap } from './tap.js';
 import { VirtioNet } from './net.js';
 
 export { Tap, TUN, VNET_HDR_SIZE } from './tap.js';
-export { VirtioNet, VIRTIO_NET_F, VIRTIO_NET_S_LINK_UP, VIRTIO_NET_HDR_F_NEEDS_CSUM, NET_STATE_VERSION, MAX_FRAME, RXQ, TXQ } from './net.js';
+export { VirtioNet, VIRTIO_NET_F, VIRTIO_NET_S_LINK_UP, VIRTIO_NET_HDR_F_NEEDS_CSUM, NET_STATE_VERSION, MAX_FRAME, RXQ, TXQ, TURN_CHAINS } from './net.js';
 export type { NetStats, VirtioNetDeviceOptions } from './net.js';
 
 const VERSION = '0.1.0';

@@ -1,5 +1,5 @@
 import { KvmkitError, watchFd, type FdWatch, type Logger } from '@kvmkit/kernel';
-import { VIRTIO_ID, VirtioDevice, bit } from '@kvmkit/virtio';
+import { VIRTIO_ID, VirtioDevice, bit, type DescriptorChain, type Virtqueue } from '@kvmkit/virtio';
 import { TUN, VNET_HDR_SIZE, type Tap } from './tap.js';
 
 /** virtio-net feature bits (§5.1.3). */
@@ -28,6 +28,16 @@ export const NET_STATE_VERSION = 2;
 export const MAX_FRAME = 65536 + 14 + 4;
 export const RXQ = 0;
 export const TXQ = 1;
+/** Most chains one queue serves per event-loop turn (then TX continues from a macrotask, RX on the next poll). */
+export const TURN_CHAINS = 256;
+
+/**
+ * Gives back the chain popped last and not completed: the next pop() returns it again. Only valid right after
+ * that pop (no other pop in between); a chain from before a queue reset is left alone.
+ */
+function unpop(vq: Virtqueue, c: DescriptorChain): void {
+  if (c.valid) vq.lastAvail = (vq.lastAvail - 1) & 0xffff;
+}
 
 export interface NetStats {
   rxPackets: number;
@@ -63,6 +73,8 @@ export class VirtioNet extends VirtioDevice {
   readonly features: bigint;
   readonly stats: NetStats = { rxPackets: 0, rxBytes: 0, rxDropped: 0, txPackets: 0, txBytes: 0, txDropped: 0 };
   private readonly rxBuf = Buffer.alloc(VNET_HDR_SIZE + MAX_FRAME);
+  private readonly txBuf = Buffer.alloc(VNET_HDR_SIZE + MAX_FRAME);
+  private txRekick = false;
   private held: Buffer | undefined;
   private watch: FdWatch | undefined;
   private linkUp = true;
@@ -162,26 +174,84 @@ export class VirtioNet extends VirtioDevice {
     }
   }
 
+  /**
+   * Sends every available TX chain, at most TURN_CHAINS per event-loop turn (the rest from a macrotask, so a
+   * guest that keeps the ring full cannot starve the loop). While it runs, VIRTQ_USED_F_NO_NOTIFY tells the
+   * driver it need not notify (chains it adds meanwhile are picked up here); the flag is cleared and the ring
+   * looked at once more before leaving. One interrupt decision per turn (EVENT_IDX / NO_INTERRUPT aware).
+   */
   private tx(): void {
+    if (this.closed) return;
     const vq = this.ctx.queue(TXQ);
-    const mem = this.ctx.memory;
-    for (let c = vq.pop(); c; c = vq.pop()) {
-      const n = c.readableLength;
-      if (n < VNET_HDR_SIZE || n > VNET_HDR_SIZE + MAX_FRAME || this.closed || !this.linkUp) {
-        this.stats.txDropped++;
-      } else {
-        const frame = c.read(mem);
-        const r = this.tap.write(frame);
-        if (r === n) {
-          this.stats.txPackets++;
-          this.stats.txBytes += n - VNET_HDR_SIZE;
-        } else {
-          this.stats.txDropped++;
+    if (!vq.ready) return;
+    let done = 0;
+    let more = false;
+    try {
+      vq.suppressNotifications(true);
+      for (;;) {
+        const c = vq.pop();
+        if (!c) {
+          vq.suppressNotifications(false);
+          if (vq.pending() === 0) break;
+          vq.suppressNotifications(true);
+          continue;
+        }
+        this.sendChain(c);
+        vq.pushUsed(c, 0);
+        if (++done >= TURN_CHAINS) {
+          more = vq.pending() > 0;
+          break;
         }
       }
-      vq.pushUsed(c, 0);
+    } finally {
+      vq.suppressNotifications(false);
+      if (done) this.ctx.signalUsed(TXQ);
     }
-    this.ctx.signalUsed(TXQ);
+    if (more) this.rekickTx();
+  }
+
+  /** One TX chain (vnet header + frame) → one write(2): straight from guest memory when it is one buffer. */
+  private sendChain(c: DescriptorChain): void {
+    const n = c.readableLength;
+    if (n < VNET_HDR_SIZE || n > VNET_HDR_SIZE + MAX_FRAME || !this.linkUp) {
+      this.stats.txDropped++;
+      return;
+    }
+    const mem = this.ctx.memory;
+    const bufs = c.readable;
+    let r: number;
+    if (bufs.length === 1) {
+      r = this.tap.write(mem.view(bufs[0]!.addr, n));
+    } else {
+      // Scattered: gather into the reusable bounce buffer (one copy, no allocation).
+      let pos = 0;
+      for (const b of bufs) {
+        this.txBuf.set(mem.view(b.addr, b.len), pos);
+        pos += b.len;
+      }
+      r = this.tap.write(this.txBuf.subarray(0, n));
+    }
+    if (r === n) {
+      this.stats.txPackets++;
+      this.stats.txBytes += n - VNET_HDR_SIZE;
+    } else {
+      this.stats.txDropped++;
+    }
+  }
+
+  /** Continues TX after the event loop had a turn (skipped while paused or reset: resume/activate kick the queue). */
+  private rekickTx(): void {
+    if (this.txRekick) return;
+    this.txRekick = true;
+    setImmediate(() => {
+      this.txRekick = false;
+      if (this.closed || !this.ctx.active) return;
+      try {
+        this.tx();
+      } catch (e) {
+        this.ctx.needsReset(`queue ${TXQ}: ${(e as Error).message}`, e);
+      }
+    });
   }
 
   /** Moves frames from the TAP into RX chains until either runs out. */
@@ -199,39 +269,90 @@ export class VirtioNet extends VirtioDevice {
     const vq = this.ctx.queue(RXQ);
     const mem = this.ctx.memory;
     let delivered = 0;
-    for (;;) {
-      let frame = this.held;
-      this.held = undefined;
-      if (!frame) {
-        const r = this.tap.read(this.rxBuf);
-        if (r === -11) break; // EAGAIN: TAP drained
-        if (r < 0) throw new KvmkitError('KVMKIT_ERR_VIRTIO_NET_TAP', `TAP read failed: errno ${-r}`, { details: { errno: -r } });
-        if (r < VNET_HDR_SIZE) continue;
-        frame = this.rxBuf.subarray(0, r);
-      }
-      const c = vq.ready ? vq.pop() : null;
-      if (!c) {
-        // No RX buffer: keep this frame, stop polling the TAP until the driver posts buffers.
-        this.held = Buffer.from(frame);
-        this.watch?.setActive(false);
-        break;
-      }
-      if (!this.linkUp || c.writableLength < frame.length) {
+    try {
+      for (let turn = 0; turn < TURN_CHAINS; turn++) {
+        const c = vq.ready ? vq.pop() : null;
+        if (!c) {
+          // No RX buffer: stop polling the TAP until the driver posts buffers, keeping at most one frame
+          // already waiting there (so it is part of a snapshot taken meanwhile).
+          if (!this.held) {
+            const r = this.tap.read(this.rxBuf);
+            if (r >= VNET_HDR_SIZE) this.held = Buffer.from(this.rxBuf.subarray(0, r));
+            else if (r < 0 && r !== -11) throw new KvmkitError('KVMKIT_ERR_VIRTIO_NET_TAP', `TAP read failed: errno ${-r}`, { details: { errno: -r } });
+          }
+          this.watch?.setActive(false);
+          break;
+        }
+        if (this.held) {
+          const frame = this.held;
+          this.held = undefined;
+          this.deliverCopy(c, frame);
+          delivered++;
+          continue;
+        }
+        const w = c.writable;
+        let r: number;
+        if (w.length === 1 && w[0]!.len >= VNET_HDR_SIZE + MAX_FRAME && this.linkUp) {
+          // One device-writable buffer that holds any frame the TAP can hand us: read(2) straight into guest
+          // memory. Only then: a read into a shorter buffer truncates a longer frame silently (read returns the
+          // bytes copied), so smaller buffers take the copy below, which can tell (it reads into 64 KiB).
+          const dst = mem.range(w[0]!.addr, w[0]!.len);
+          r = this.tap.read(dst);
+          if (r >= VNET_HDR_SIZE && r <= dst.length) {
+            // num_buffers (offset 10) = 1: no MRG_RXBUF, one chain per frame.
+            dst[10] = 1;
+            dst[11] = 0;
+            vq.pushUsed(c, r);
+            delivered++;
+            this.stats.rxPackets++;
+            this.stats.rxBytes += r - VNET_HDR_SIZE;
+            continue;
+          }
+        } else {
+          r = this.tap.read(this.rxBuf);
+          if (r >= VNET_HDR_SIZE) {
+            this.deliverCopy(c, this.rxBuf.subarray(0, r));
+            delivered++;
+            continue;
+          }
+        }
+        if (r === -11) {
+          // TAP drained: the chain goes back to the ring untouched (as far as the driver can tell).
+          unpop(vq, c);
+          break;
+        }
+        if (r < 0) {
+          unpop(vq, c);
+          throw new KvmkitError('KVMKIT_ERR_VIRTIO_NET_TAP', `TAP read failed: errno ${-r}`, { details: { errno: -r } });
+        }
+        if (r < VNET_HDR_SIZE) {
+          unpop(vq, c); // not a frame: skip it, the chain is used for the next one
+          continue;
+        }
+        // Longer than the chain's only buffer: dropped, the chain completes empty (as deliverCopy does).
         this.stats.rxDropped++;
         vq.pushUsed(c, 0);
         delivered++;
-        continue;
       }
-      // num_buffers (offset 10) = 1: no MRG_RXBUF, one chain per frame.
-      frame.writeUInt16LE(1, 10);
-      const n = c.write(mem, frame);
-      vq.pushUsed(c, n);
-      delivered++;
-      this.stats.rxPackets++;
-      this.stats.rxBytes += n - VNET_HDR_SIZE;
+      if (!this.held && this.watch && !this.watch.active && vq.ready) this.watch.setActive(true);
+    } finally {
+      if (delivered) this.ctx.signalUsed(RXQ);
     }
-    if (!this.held && this.watch && !this.watch.active && vq.ready) this.watch.setActive(true);
-    if (delivered) this.ctx.signalUsed(RXQ);
+  }
+
+  /** A frame from a host buffer into chain `c` (one copy); dropped (chain completed empty) when it does not fit or the link is down. */
+  private deliverCopy(c: DescriptorChain, frame: Buffer): void {
+    const vq = this.ctx.queue(RXQ);
+    if (!this.linkUp || c.writableLength < frame.length) {
+      this.stats.rxDropped++;
+      vq.pushUsed(c, 0);
+      return;
+    }
+    frame.writeUInt16LE(1, 10);
+    const n = c.write(this.ctx.memory, frame);
+    vq.pushUsed(c, n);
+    this.stats.rxPackets++;
+    this.stats.rxBytes += n - VNET_HDR_SIZE;
   }
 
   override saveState(): unknown {

@@ -127,7 +127,7 @@ export class Tap {
   }
 
   /** One frame (with its vnet header) into buf; bytes read, or -errno (-11 = EAGAIN: nothing pending). */
-  read(buf: Buffer): number {
+  read(buf: Uint8Array): number {
     return ffi.readFd(this.fd, buf, buf.length);
   }
 
