@@ -27,6 +27,10 @@ export class GuestMemory {
   readonly regions: readonly MemoryRegion[];
   private closed = false;
   private views: DataView[];
+  private readonly starts: number[];
+  private readonly ends: number[];
+  /** Region index found by the last `locate` (saves an object per access). */
+  private at = 0;
   /** Per region: a bitmap of pages the VMM wrote (KVM's dirty-log format) while host tracking is on. */
   private hostDirty: Array<Uint8Array | undefined>;
 
@@ -46,6 +50,9 @@ export class GuestMemory {
     }
     this.regions = Object.freeze(sorted);
     this.views = sorted.map((r) => new DataView(r.bytes.buffer, r.bytes.byteOffset, r.bytes.byteLength));
+    // Guest-physical addresses as Numbers (exact below 2^53) for the bounds checks on every access.
+    this.starts = sorted.map((r) => Number(r.gpa));
+    this.ends = sorted.map((r) => Number(r.gpa) + r.size);
     this.hostDirty = sorted.map(() => undefined);
   }
 
@@ -78,8 +85,8 @@ export class GuestMemory {
   markWritten(gpa: bigint | number, len: number): void {
     if (!this.hostDirty.some((b) => b !== undefined)) return;
     try {
-      const { i, off } = this.locate(gpa, len);
-      this.markDirty(i, off, len);
+      const off = this.locate(gpa, len);
+      this.markDirty(this.at, off, len);
     } catch {
       /* outside RAM: nothing to record */
     }
@@ -119,17 +126,25 @@ export class GuestMemory {
     return this.closed;
   }
 
-  private locate(gpa: bigint | number, len: number): { i: number; off: number } {
+  /** Offset of [gpa, gpa+len) in its region, whose index is left in `this.at`; throws when it is not inside one. */
+  private locate(gpa: bigint | number, len: number): number {
     if (this.closed) throw new KvmkitError('KVMKIT_ERR_MEMORY_CLOSED', 'guest memory was released');
-    const g = typeof gpa === 'bigint' ? gpa : BigInt(gpa);
-    if (!(len >= 0) || !Number.isInteger(len) || g < 0n) {
-      throw oob(g, len);
+    let g: number;
+    if (typeof gpa === 'number') {
+      if (!Number.isSafeInteger(gpa) || gpa < 0) throw oob(gpa, len);
+      g = gpa;
+    } else {
+      if (gpa < 0n || gpa > MAX_SAFE) throw oob(gpa, len);
+      g = Number(gpa);
     }
-    const regions = this.regions;
-    for (let i = 0; i < regions.length; i++) {
-      const r = regions[i]!;
-      if (g >= r.gpa && g - r.gpa + BigInt(len) <= BigInt(r.size)) {
-        return { i, off: Number(g - r.gpa) };
+    if (!(len >= 0) || !Number.isSafeInteger(len)) throw oob(g, len);
+    const starts = this.starts;
+    const ends = this.ends;
+    for (let i = 0; i < starts.length; i++) {
+      // g + len may round above 2^53, but then it is far above any region end: still refused.
+      if (g >= starts[i]! && g + len <= ends[i]!) {
+        this.at = i;
+        return g - starts[i]!;
       }
     }
     throw oob(g, len);
@@ -151,17 +166,16 @@ export class GuestMemory {
    * tracking on, its pages count as written (use `view()` to only read).
    */
   range(gpa: bigint | number, len: number): Uint8Array {
-    const { i, off } = this.locate(gpa, len);
+    const off = this.locate(gpa, len);
+    const i = this.at;
     this.markDirty(i, off, len);
-    const b = this.regions[i]!.bytes;
-    return b.subarray(off, off + len);
+    return this.regions[i]!.bytes.subarray(off, off + len);
   }
 
   /** Like `range()` for reading: the caller promises not to write through it (no dirty tracking). */
   view(gpa: bigint | number, len: number): Uint8Array {
-    const { i, off } = this.locate(gpa, len);
-    const b = this.regions[i]!.bytes;
-    return b.subarray(off, off + len);
+    const off = this.locate(gpa, len);
+    return this.regions[this.at]!.bytes.subarray(off, off + len);
   }
 
   read(gpa: bigint | number, len: number): Uint8Array {
@@ -176,48 +190,51 @@ export class GuestMemory {
     this.range(gpa, len).fill(value);
   }
 
-  private dv(gpa: bigint | number, len: number, write = false): { v: DataView; off: number } {
-    const { i, off } = this.locate(gpa, len);
-    if (write) this.markDirty(i, off, len);
-    return { v: this.views[i]!, off };
-  }
-
   readU8(gpa: bigint | number): number {
-    const { v, off } = this.dv(gpa, 1);
-    return v.getUint8(off);
+    const off = this.locate(gpa, 1);
+    return this.views[this.at]!.getUint8(off);
   }
   readU16(gpa: bigint | number): number {
-    const { v, off } = this.dv(gpa, 2);
-    return v.getUint16(off, true);
+    const off = this.locate(gpa, 2);
+    return this.views[this.at]!.getUint16(off, true);
   }
   readU32(gpa: bigint | number): number {
-    const { v, off } = this.dv(gpa, 4);
-    return v.getUint32(off, true);
+    const off = this.locate(gpa, 4);
+    return this.views[this.at]!.getUint32(off, true);
   }
   readU64(gpa: bigint | number): bigint {
-    const { v, off } = this.dv(gpa, 8);
-    return v.getBigUint64(off, true);
+    const off = this.locate(gpa, 8);
+    return this.views[this.at]!.getBigUint64(off, true);
   }
   writeU8(gpa: bigint | number, x: number): void {
-    const { v, off } = this.dv(gpa, 1, true);
-    v.setUint8(off, x);
+    const off = this.locate(gpa, 1);
+    const i = this.at;
+    this.markDirty(i, off, 1);
+    this.views[i]!.setUint8(off, x);
   }
   writeU16(gpa: bigint | number, x: number): void {
-    const { v, off } = this.dv(gpa, 2, true);
-    v.setUint16(off, x, true);
+    const off = this.locate(gpa, 2);
+    const i = this.at;
+    this.markDirty(i, off, 2);
+    this.views[i]!.setUint16(off, x, true);
   }
   writeU32(gpa: bigint | number, x: number): void {
-    const { v, off } = this.dv(gpa, 4, true);
-    v.setUint32(off, x >>> 0, true);
+    const off = this.locate(gpa, 4);
+    const i = this.at;
+    this.markDirty(i, off, 4);
+    this.views[i]!.setUint32(off, x >>> 0, true);
   }
   writeU64(gpa: bigint | number, x: bigint): void {
-    const { v, off } = this.dv(gpa, 8, true);
-    v.setBigUint64(off, BigInt.asUintN(64, x), true);
+    const off = this.locate(gpa, 8);
+    const i = this.at;
+    this.markDirty(i, off, 8);
+    this.views[i]!.setBigUint64(off, BigInt.asUintN(64, x), true);
   }
 }
 
-function oob(gpa: bigint, len: number): KvmkitError {
-  const g = gpa <= MAX_SAFE && gpa >= 0n ? `0x${gpa.toString(16)}` : String(gpa);
+function oob(gpa: bigint | number, len: number): KvmkitError {
+  const safe = typeof gpa === 'bigint' ? gpa <= MAX_SAFE && gpa >= 0n : Number.isSafeInteger(gpa) && gpa >= 0;
+  const g = safe ? `0x${gpa.toString(16)}` : String(gpa);
   return new KvmkitError('KVMKIT_ERR_MEMORY_OUT_OF_BOUNDS', `guest range ${g}+${len} is outside guest RAM`, {
     details: { gpa: g, len },
   });
