@@ -60,10 +60,16 @@ class Sender {
   zeroSkipped = 0;
   sendMs = 0;
   dataBytes = 0;
-  constructor(private readonly ch: Channel) {}
+  /** `alive()`: false once the machine is stopping (its RAM may be unmapped after the next await). */
+  constructor(private readonly ch: Channel, private readonly alive: () => boolean = () => true) {}
+
+  private check(): void {
+    if (!this.alive()) throw migErr('KVMKIT_ERR_MIGRATE_STATE', 'migrate: the machine stopped during the migration');
+  }
 
   /** Sends `pages` of region `ri`; zero pages are skipped (round 0) or sent as ZERO markers. */
   async send(ri: number, r: MemoryRegion, pages: Iterable<number>, skipZero: boolean): Promise<void> {
+    this.check();
     const ram = ramView(r);
     const data = new Uint32Array(BATCH);
     let nd = 0;
@@ -105,12 +111,18 @@ class Sender {
         if (skipZero) this.zeroSkipped++;
         else {
           zero.push(p);
-          if (zero.length >= 4096) await flushZero();
+          if (zero.length >= 4096) {
+            await flushZero();
+            this.check();
+          }
         }
         continue;
       }
       data[nd++] = p;
-      if (nd >= BATCH) await flushData();
+      if (nd >= BATCH) {
+        await flushData();
+        this.check(); // RAM is touched again below: only while the machine is not stopping
+      }
     }
     await flushData();
     await flushZero();
@@ -174,7 +186,7 @@ export async function runPrecopy(m0: MachineApi, raw: unknown): Promise<Migratio
     for (const r of regions) if (!snap?.logging()) vm.setDirtyLogging(r.slot, true);
     logging = true;
     readDirty(); // start of round 0: everything from here on is re-sent if written
-    const s = new Sender(ch);
+    const s = new Sender(ch, () => m.state !== 'stopping' && m.state !== 'stopped');
     for (const [i, r] of regions.entries()) await s.send(i, r, range(r.size / PAGE), true);
     fault('round0');
     let rounds = 1;

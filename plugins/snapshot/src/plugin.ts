@@ -67,6 +67,10 @@ export default function snapshotPlugin(options: SnapshotPluginOptions = {}): Plu
         },
       };
       machine.provide('snapshot', api);
+      // A save writes and hashes guest RAM across event-loop turns: RAM is released only after it ended.
+      machine.hooks.afterStop.tapPromise('snapshot', async () => {
+        await Promise.allSettled([...t.io]);
+      });
     },
   };
 }

@@ -115,6 +115,11 @@ export function restorePlugin(options: RestoreOptions, getMachine: () => Machine
     options,
     apply(m, { log }) {
       const t0 = performance.now();
+      // Eager reads go into guest RAM across event-loop turns: a stop meanwhile releases RAM only after them.
+      let reading: Promise<void> | undefined;
+      m.hooks.afterStop.tapPromise('snapshot-restore', async () => {
+        await reading?.catch(() => { /* reported by beforeRun */ });
+      });
       let chain: LoadedSnapshot[] = [];
       let tip!: LoadedSnapshot;
       const info: RestoreInfo = { path: resolve(options.path), mode, chain: 0, bytesRead: 0, pages: 0, ms: 0, verified: mode === 'eager' || options.verify === true ? 'sha256' : 'size-only', phases: { load: 0, memory: 0, state: 0, track: 0 } };
@@ -170,7 +175,13 @@ export function restorePlugin(options: RestoreOptions, getMachine: () => Machine
         if (mode === 'eager') {
           const p = new Progress('restore memory', base.body.memory.size, options.onProgress, show);
           const direct = regions.every((x) => x.hva !== 0n && x.hva % 4096n === 0n);
-          await readFullMemoryAsync(base.memoryPath, base.body.memory.ranges, base.body.memory.size, base.body.memory.sha256, base.body.memory.hash ?? 'sha256', view(base.body.memory.ranges), direct, p);
+          const io = readFullMemoryAsync(base.memoryPath, base.body.memory.ranges, base.body.memory.size, base.body.memory.sha256, base.body.memory.hash ?? 'sha256', view(base.body.memory.ranges), direct, p);
+          reading = io;
+          try {
+            await io;
+          } finally {
+            reading = undefined;
+          }
           p.done();
           info.bytesRead += base.body.memory.size;
         } else if (options.verify === true) {

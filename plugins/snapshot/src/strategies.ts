@@ -44,10 +44,15 @@ export interface Tracker {
   /** slot → accumulated dirty bitmap since `base` */
   pending: Map<number, Uint8Array>;
   logging: boolean;
+  /**
+   * Memory I/O in flight on guest RAM (a full save's async writes and hashing). The plugin's afterStop tap waits
+   * for it, so a stop requested meanwhile (device, control channel) cannot unmap RAM under it.
+   */
+  io: Set<Promise<unknown>>;
 }
 
 export function newTracker(): Tracker {
-  return { base: undefined, pending: new Map(), logging: false };
+  return { base: undefined, pending: new Map(), logging: false, io: new Set() };
 }
 
 /** Turns dirty logging on for every slot and folds what KVM logged so far into `pending`. */
@@ -115,7 +120,13 @@ async function takeSnapshot(kind: 'full' | 'diff', m0: MachineApi, raw: unknown,
     if (kind === 'full') {
       const total = regions.reduce((s, r) => s + r.size, 0);
       const p = new Progress('snapshot memory', total, o.onProgress, o.progress ?? process.stderr.isTTY === true);
-      written = await writeFullMemory(memPath, regions, p);
+      const io = writeFullMemory(memPath, regions, p);
+      t.io.add(io);
+      try {
+        written = await io;
+      } finally {
+        t.io.delete(io);
+      }
       p.done();
       pages = total / PAGE;
     } else {
