@@ -9,7 +9,7 @@ export const MigrateErrorCodes = {
   KVMKIT_ERR_MIGRATE_REFUSED: 'the destination refused the migration (incompatible host/config) or failed to restore',
   KVMKIT_ERR_MIGRATE_ADDRESS: 'the migration address is invalid or not loopback (without allowRemote)',
   KVMKIT_ERR_MIGRATE_STRATEGY: 'no migration strategy of that name is registered',
-  KVMKIT_ERR_MIGRATE_STATE: 'the machine is not running or paused, or a migration is already in progress',
+  KVMKIT_ERR_MIGRATE_STATE: 'the machine is not running or paused, a migration is already in progress, or the machine stopped during it',
 } as const;
 export type MigrateErrorCode = keyof typeof MigrateErrorCodes;
 
