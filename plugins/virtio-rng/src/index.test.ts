@@ -1,7 +1,7 @@
 import { describe, it, expect } from 'vitest';
 import { DeviceRegistry, GuestMemory, MmioBus, PioBus, StateReader, StateWriter, createHooks, defaultMemoryLayout, silentLogger, tapOnly, type MachineApi, type Vm } from '@kvmkit/kernel';
-import { MMIO, VIRTIO_MMIO_INT, VirtioMmioTransport, VirtioTestDriver, VIRTIO_STATUS as S } from '@kvmkit/virtio';
-import virtioRng, { VirtioRng } from './index.js';
+import { MMIO, VIRTIO_F, VIRTIO_MMIO_INT, VirtioMmioTransport, VirtioTestDriver, VIRTIO_STATUS as S, bit } from '@kvmkit/virtio';
+import virtioRng, { VirtioRng, TURN_CHAINS } from './index.js';
 
 function fakeMachine() {
   const hooks = createHooks();
@@ -48,6 +48,35 @@ describe('virtio-rng', () => {
     const got = mem.read(a.addrs[0]!, 100);
     expect(new Set(got).size).toBeGreaterThan(30); // 100 random bytes: many distinct values
     expect([...mem.read(a.addrs[0]! + 100n, 16)].every((x) => x === 0)).toBe(true);
+  });
+
+  it('fills guest memory in place (the source sees the guest buffers, capped across them at maxRequest); a ring fuller than one turn completes over two turns, one interrupt each', async () => {
+    const mem = GuestMemory.anonymous(4 << 20);
+    const seen: Uint8Array[] = [];
+    let irqs = 0;
+    const dev = new VirtioRng({ queueSize: 512, maxRequest: 20, source: (b) => (seen.push(b), b.fill(0x5a)) });
+    const t = new VirtioMmioTransport(dev, { memory: mem, raiseIrq: () => irqs++ });
+    const drv = new VirtioTestDriver(t, mem, 0x1000n);
+    drv.init({ want: bit(VIRTIO_F.VERSION_1) }); // no EVENT_IDX: every turn that completes something interrupts
+    const a = drv.add(0, [{ len: 16, write: true }, { len: 16, write: true }]);
+    drv.kick(0);
+    expect(drv.takeUsed(0)).toEqual([{ id: a.head, len: 20 }]);
+    // no bounce buffer: the source wrote guest memory itself (16 bytes, then 4)
+    expect(seen.map((b) => b.length)).toEqual([16, 4]);
+    expect(seen[0]!.buffer).toBe(mem.range(a.addrs[0]!, 1).buffer);
+    expect([...mem.read(a.addrs[1]!, 6)]).toEqual([0x5a, 0x5a, 0x5a, 0x5a, 0, 0]);
+    irqs = 0;
+    const total = TURN_CHAINS + 40;
+    for (let i = 0; i < total; i++) drv.add(0, [{ len: 8, write: true }]);
+    drv.kick(0);
+    expect(drv.takeUsed(0)).toHaveLength(TURN_CHAINS);
+    expect(irqs).toBe(1);
+    await new Promise((r) => setImmediate(r));
+    await new Promise((r) => setImmediate(r));
+    expect(drv.takeUsed(0)).toHaveLength(total - TURN_CHAINS);
+    expect(irqs).toBe(2);
+    expect(dev.requests).toBe(total + 1);
+    await t.close();
   });
 
   it('saves and restores device and queue state', async () => {
