@@ -7,7 +7,8 @@ const ELFDATA2LSB = 1;
 const ET_EXEC = 2;
 const EM_386 = 3;
 const EM_X86_64 = 62;
-const PT_LOAD = 1;
+/** p_type of a loadable segment. */
+export const PT_LOAD = 1;
 const PT_NOTE = 4;
 /** XEN_ELFNOTE_PHYS32_ENTRY (xen/include/public/elfnote.h): the 32-bit PVH entry point. */
 export const XEN_ELFNOTE_PHYS32_ENTRY = 18;
@@ -29,6 +30,18 @@ export interface PvhElfInfo {
   /** Lowest and highest (exclusive) guest physical address the segments cover. */
   low: bigint;
   high: bigint;
+}
+
+/** The lowest and highest (exclusive) guest physical address of `segments` (at least one). */
+export function segmentSpan(segments: readonly ElfSegment[]): { low: bigint; high: bigint } {
+  let low = segments[0]!.paddr;
+  let high = 0n;
+  for (const s of segments) {
+    if (s.paddr < low) low = s.paddr;
+    const end = s.paddr + BigInt(s.memsz);
+    if (end > high) high = end;
+  }
+  return { low, high };
 }
 
 export function looksLikeElf(img: Uint8Array): boolean {
@@ -98,13 +111,7 @@ export function parsePvhElf(img: Uint8Array, path: string): PvhElfInfo {
   if (entry === undefined) {
     throw imageError(path, 'no-pvh-note', 'ELF has no Xen PHYS32_ENTRY note (XEN_ELFNOTE_PHYS32_ENTRY, type 18): the kernel was built without CONFIG_PVH');
   }
-  let low = segments[0]!.paddr;
-  let high = 0n;
-  for (const s of segments) {
-    if (s.paddr < low) low = s.paddr;
-    const end = s.paddr + BigInt(s.memsz);
-    if (end > high) high = end;
-  }
+  const { low, high } = segmentSpan(segments);
   if (BigInt(entry) < low || BigInt(entry) >= high) {
     throw imageError(path, 'bad-segment', `PVH entry ${hex(entry)} lies outside the loaded segments [${hex(low)}, ${hex(high)})`, { entry: hex(entry) });
   }

@@ -7,7 +7,7 @@ import { gunzipSync } from 'node:zlib';
 import { KvmkitError } from '@kvmkit/kernel';
 import { DECOMPRESS_ERROR, xzDecompress } from './xz.js';
 import { imageError, hex } from './errors.js';
-import { ELF_MAGIC } from './elf.js';
+import { ELF_MAGIC, PT_LOAD, segmentSpan, type ElfSegment } from './elf.js';
 
 /** Setup header fields (protocol 2.08+): offset of the payload from the protected-mode code, and its length. */
 export const HDR_PAYLOAD_OFFSET = 0x248;
@@ -83,12 +83,8 @@ export function decompressPayload(payload: Uint8Array, maxOutput: number, path: 
   return { format, data, ms: performance.now() - t0 };
 }
 
-export interface VmlinuxSegment {
-  offset: number;
-  filesz: number;
-  paddr: bigint;
-  memsz: number;
-}
+/** A PT_LOAD segment of the decompressed kernel (same shape as a PVH ELF's). */
+export type VmlinuxSegment = ElfSegment;
 
 export interface VmlinuxInfo {
   entry: bigint;
@@ -97,7 +93,6 @@ export interface VmlinuxInfo {
   high: bigint;
 }
 
-const PT_LOAD = 1;
 const TWO_MIB = 0x200000n;
 
 /**
@@ -139,13 +134,7 @@ export function parseVmlinux(img: Uint8Array, path: string): VmlinuxInfo {
     if (memsz > 0) segments.push({ offset, filesz, paddr, memsz });
   }
   if (segments.length === 0) throw imageError(what, 'bad-segment', 'the decompressed kernel has no PT_LOAD segment');
-  let low = segments[0]!.paddr;
-  let high = 0n;
-  for (const s of segments) {
-    if (s.paddr < low) low = s.paddr;
-    const end = s.paddr + BigInt(s.memsz);
-    if (end > high) high = end;
-  }
+  const { low, high } = segmentSpan(segments);
   if (!segments.some((s) => entry >= s.paddr && entry < s.paddr + BigInt(s.filesz))) {
     throw imageError(what, 'bad-segment', `entry ${hex(entry)} lies outside the loaded segments`, { entry: hex(entry) });
   }
