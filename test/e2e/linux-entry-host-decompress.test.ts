@@ -12,9 +12,9 @@ import { mkdtempSync, readFileSync, writeFileSync, rmSync, existsSync } from 'no
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
-import { Machine, silentLogger, type Plugin, type StopReason } from '@kvmkit/kernel';
+import { Machine, silentLogger, type Plugin } from '@kvmkit/kernel';
 import bootLinux, { parseVmlinux } from '@kvmkit/plugin-boot-linux';
-import { hasKvm, exitPort } from './helpers.js';
+import { hasKvm, exitPort, assembleText, irqchipPlugin, runSyntheticKernel } from './helpers.js';
 
 let tools = true;
 try {
@@ -72,13 +72,7 @@ sub1:
 `;
 
 let tmp: string;
-function assemble(name: string, src: string): Uint8Array {
-  const s = join(tmp, `${name}.S`);
-  writeFileSync(s, src);
-  execFileSync('gcc', ['-c', '-o', join(tmp, `${name}.o`), s]);
-  execFileSync('objcopy', ['-O', 'binary', '-j', '.text', join(tmp, `${name}.o`), join(tmp, `${name}.bin`)]);
-  return readFileSync(join(tmp, `${name}.bin`));
-}
+const assemble = (name: string, src: string) => assembleText(tmp, name, src);
 
 /** vmlinux.bin stand-in: ELF64 x86-64, text at LOAD (entry), data + .bss at DATA, 2 MiB p_align. */
 function makeKernelElf(code: Uint8Array): Uint8Array {
@@ -132,20 +126,8 @@ function makeBzImage(payload: Uint8Array): Uint8Array {
   return img;
 }
 
-async function run(kernel: string, initrd: string, decompress?: 'auto' | 'host' | 'guest'): Promise<StopReason> {
-  const irqchip: Plugin = { name: 'test-irqchip', version: '0.1.0', apply(m) { m.hooks.vmCreated.tapPromise('test-irqchip', async (vm) => vm.createIrqchip()); } };
-  const m = new Machine({
-    config: { name: 'entry-hd', memory: 64, cpus: 1, cmdline: CMDLINE },
-    plugins: [irqchip, exitPort(), bootLinux({ kernel, initrd, ...(decompress ? { decompress } : {}) })],
-    log: silentLogger(),
-  });
-  await m.start();
-  const t = setTimeout(() => void m.stop({ reason: 'user', exitCode: 99, message: 'test timeout' }), 60_000);
-  const r = await m.waitForStop();
-  clearTimeout(t);
-  await m.stop();
-  return r;
-}
+const run = (kernel: string, initrd: string, decompress?: 'auto' | 'host' | 'guest') =>
+  runSyntheticKernel({ name: 'entry-hd', cpus: 1, cmdline: CMDLINE, boot: { kernel, initrd, ...(decompress ? { decompress } : {}) } });
 
 describe.skipIf(!hasKvm || !tools)('boot-linux host decompression hand-over on /dev/kvm (synthetic kernel)', () => {
   let initrd: string;
@@ -210,10 +192,9 @@ describe.skipIf(!hasKvm || !haveFixture)('the fixture bzImage on a real Machine 
         });
       },
     };
-    const irqchip: Plugin = { name: 'test-irqchip', version: '0.1.0', apply(m) { m.hooks.vmCreated.tapPromise('test-irqchip', async (vm) => vm.createIrqchip()); } };
     const m = new Machine({
       config: { name: 'fixture-bz', memory: 256, cpus: 2, cmdline: 'console=ttyS0' },
-      plugins: [irqchip, exitPort(), bootLinux({ kernel: FIXTURE_BZ, initrd: FIXTURE_RD }), probe],
+      plugins: [irqchipPlugin(), exitPort(), bootLinux({ kernel: FIXTURE_BZ, initrd: FIXTURE_RD }), probe],
       log: silentLogger(),
     });
     const t0 = performance.now();

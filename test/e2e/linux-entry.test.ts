@@ -6,12 +6,10 @@
  */
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { execFileSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, writeFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, writeFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Machine, silentLogger, type Plugin, type StopReason } from '@kvmkit/kernel';
-import bootLinux from '@kvmkit/plugin-boot-linux';
-import { hasKvm, exitPort } from './helpers.js';
+import { hasKvm, assembleText, runSyntheticKernel } from './helpers.js';
 
 let gcc = true;
 try {
@@ -78,13 +76,7 @@ fail:
 `;
 
 let tmp: string;
-function assemble(name: string, src: string): Uint8Array {
-  const s = join(tmp, `${name}.S`);
-  writeFileSync(s, src);
-  execFileSync('gcc', ['-c', '-o', join(tmp, `${name}.o`), s]);
-  execFileSync('objcopy', ['-O', 'binary', '-j', '.text', join(tmp, `${name}.o`), join(tmp, `${name}.bin`)]);
-  return readFileSync(join(tmp, `${name}.bin`));
-}
+const assemble = (name: string, src: string) => assembleText(tmp, name, src);
 
 /** A minimal bzImage: one setup sector, protocol 2.15, XLF_KERNEL_64, `code` at payload + 0x200. */
 function makeBzImage(code: Uint8Array): Uint8Array {
@@ -137,16 +129,7 @@ function makePvhElf(code: Uint8Array): Uint8Array {
   return img;
 }
 
-async function run(kernel: string, initrd: string, cpus: number): Promise<StopReason> {
-  const irqchip: Plugin = { name: 'test-irqchip', version: '0.1.0', apply(m) { m.hooks.vmCreated.tapPromise('test-irqchip', async (vm) => vm.createIrqchip()); } };
-  const m = new Machine({ config: { name: 'entry', memory: 64, cpus, cmdline: CMDLINE }, plugins: [irqchip, exitPort(), bootLinux({ kernel, initrd })], log: silentLogger() });
-  await m.start();
-  const t = setTimeout(() => void m.stop({ reason: 'user', exitCode: 99, message: 'test timeout' }), 60_000);
-  const r = await m.waitForStop();
-  clearTimeout(t);
-  await m.stop();
-  return r;
-}
+const run = (kernel: string, initrd: string, cpus: number) => runSyntheticKernel({ name: 'entry', cpus, cmdline: CMDLINE, boot: { kernel, initrd } });
 
 describe.skipIf(!hasKvm || !gcc)('boot-linux hand-over on /dev/kvm (synthetic kernels)', () => {
   let initrd: string;

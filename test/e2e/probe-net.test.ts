@@ -11,17 +11,14 @@
  * QEMU: a persistent TAP is created in the namespace and QEMU runs under `ip netns exec`.
  */
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
-import { Machine, silentLogger, type Plugin, type StopReason } from '@kvmkit/kernel';
+import type { Plugin } from '@kvmkit/kernel';
 import { VIRTIO_ID, VirtioDevice, useVirtioMmio } from '@kvmkit/virtio';
-import bootLinux from '@kvmkit/plugin-boot-linux';
-import serial from '@kvmkit/plugin-serial';
-import platformPc from '@kvmkit/plugin-platform-pc';
 import virtioNet from '@kvmkit/plugin-virtio-net';
 import {
   probeElfPath, parseProbeOutput, probeCmdline, runQemuProbe, findExecutable, netnsUnavailable, TestNetns,
   startNetnsUdpReceiver, runNetnsUdpSender, type ProbeLine, type QemuProbeResult,
 } from '@kvmkit/testkit';
-import { hasKvm } from './helpers.js';
+import { hasKvm, runProbeOnKvmkit } from './helpers.js';
 
 const HOST = '10.77.7.1';
 const GUEST = '10.77.7.2';
@@ -71,29 +68,18 @@ const params = (mode: string, extra: Record<string, string | number> = {}) => ({
  * `during` runs the host side while the guest runs.
  */
 async function kvmkitNet(p: Record<string, string | number>, during: (ready: Promise<void>) => Promise<void> = async () => {}, timeoutMs = 30_000): Promise<NetRun> {
-  const chunks: Uint8Array[] = [];
   const w = readyWatch();
   const tap = tapName();
-  const m = new Machine({
-    config: { name: 'probe-net', memory: 64, cpus: 1, cmdline: probeCmdline('net', p) },
-    plugins: [virtioNet({ tap, mac: MAC, offload: false }), platformPc(), serial({ console: false, output: 'none', sink: (b) => { chunks.push(b); w.feed(Buffer.from(b).toString()); } }), bootLinux({ kernel: elf })],
-    log: silentLogger(),
+  const { out, r } = await runProbeOnKvmkit({
+    name: 'probe-net', cmdline: probeCmdline('net', p), kernel: elf, timeoutMs, onOutput: w.feed,
+    devices: [virtioNet({ tap, mac: MAC, offload: false })],
+    beforeRun: () => {
+      ns!.adopt(tap, `${HOST}/24`);
+      ns!.ip('link', 'set', tap, 'txqueuelen', String(TAP_QUEUE));
+    },
+    during: () => during(w.ready),
   });
-  let r: StopReason;
-  try {
-    await m.start({ paused: true });
-    ns!.adopt(tap, `${HOST}/24`);
-    ns!.ip('link', 'set', tap, 'txqueuelen', String(TAP_QUEUE));
-    const t = setTimeout(() => void m.stop({ reason: 'user', exitCode: 124, message: 'test timeout' }), timeoutMs);
-    await m.resume();
-    const stopped = m.waitForStop();
-    await Promise.race([during(w.ready), stopped]);
-    r = await stopped;
-    clearTimeout(t);
-  } finally {
-    await m.stop();
-  }
-  return parse(Buffer.concat(chunks).toString(), r.reason === 'guest-exit' ? (r.exitCode ?? null) : null);
+  return parse(out, r.reason === 'guest-exit' ? (r.exitCode ?? null) : null);
 }
 
 /** Boots the probe on QEMU microvm inside the namespace, on a persistent TAP created there. */
@@ -337,41 +323,14 @@ describe.skipIf(!hasKvm)('probe virtio-net driver against a misbehaving device (
     ['tx-len', 'tx', 'net_tx_used_len'],
     ['tx-id', 'tx', 'net_tx_used_id'],
   ] as const)('%s (mode %s) → PROBE error %s', async (evil, mode, err) => {
-    const elfPath = elf || probeElfPath();
-    const chunks: Uint8Array[] = [];
-    const m = new Machine({
-      config: { name: 'probe-evil-net', memory: 64, cpus: 1, cmdline: probeCmdline('net', params(mode, { 'net.secs': 5 })) },
-      plugins: [evilNet(evil), platformPc(), serial({ console: false, output: 'none', sink: (b) => chunks.push(b) }), bootLinux({ kernel: elfPath })],
-      log: silentLogger(),
-    });
-    let r: StopReason;
-    try {
-      await m.start();
-      r = await m.waitForStop();
-    } finally {
-      await m.stop();
-    }
-    const out = Buffer.concat(chunks).toString();
+    const { out, r } = await runProbeOnKvmkit({ name: 'probe-evil-net', cmdline: probeCmdline('net', params(mode, { 'net.secs': 5 })), devices: [evilNet(evil)], kernel: elf });
     expect(out).toContain(`PROBE error ${err} `);
     expect(r.exitCode, out).toBe(1);
   }, 30_000);
 
   it('the same device answering correctly: the guest echoes the datagram (control for the cases above)', async () => {
     // Mode echo with count 1: the valid frame from evilFrame() is echoed, then the probe exits 0.
-    const chunks: Uint8Array[] = [];
-    const m = new Machine({
-      config: { name: 'probe-evil-net', memory: 64, cpus: 1, cmdline: probeCmdline('net', params('echo', { 'net.count': 1, 'net.secs': 5 })) },
-      plugins: [evilNet('ok' as Evil), platformPc(), serial({ console: false, output: 'none', sink: (b) => chunks.push(b) }), bootLinux({ kernel: elf || probeElfPath() })],
-      log: silentLogger(),
-    });
-    let r: StopReason;
-    try {
-      await m.start();
-      r = await m.waitForStop();
-    } finally {
-      await m.stop();
-    }
-    const out = Buffer.concat(chunks).toString();
+    const { out, r } = await runProbeOnKvmkit({ name: 'probe-evil-net', cmdline: probeCmdline('net', params('echo', { 'net.count': 1, 'net.secs': 5 })), devices: [evilNet('ok' as Evil)], kernel: elf });
     expect(r.exitCode, out).toBe(0);
     expect(parse(out, 0).net?.fields).toMatchObject({ echoed: '1', udp: '1', ok: '1' });
   }, 30_000);

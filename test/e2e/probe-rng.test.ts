@@ -4,14 +4,11 @@
  * and that the bytes look random (≥ 200 distinct values per 4 KiB, no run of 16 equal bytes).
  */
 import { describe, it, expect, beforeAll } from 'vitest';
-import { Machine, silentLogger, type Plugin, type StopReason } from '@kvmkit/kernel';
+import type { Plugin } from '@kvmkit/kernel';
 import { VIRTIO_ID, VirtioDevice, useVirtioMmio } from '@kvmkit/virtio';
-import bootLinux from '@kvmkit/plugin-boot-linux';
-import serial from '@kvmkit/plugin-serial';
-import platformPc from '@kvmkit/plugin-platform-pc';
 import virtioRng from '@kvmkit/plugin-virtio-rng';
-import { probeElfPath, parseProbeOutput, runQemuProbe, findExecutable } from '@kvmkit/testkit';
-import { hasKvm } from './helpers.js';
+import { probeElfPath, runQemuProbe, findExecutable } from '@kvmkit/testkit';
+import { hasKvm, runProbeOnKvmkit } from './helpers.js';
 
 const qemu = hasKvm ? findExecutable('qemu-system-x86_64') : null;
 if (hasKvm && !qemu) console.warn('[kvmkit e2e] qemu-system-x86_64 not installed: the QEMU microvm virtio-rng probe test is skipped');
@@ -22,24 +19,8 @@ beforeAll(() => {
 });
 
 async function probeKvmkit(cmdline: string, devices: Plugin[]) {
-  const chunks: Uint8Array[] = [];
-  const m = new Machine({
-    config: { name: 'probe-rng', memory: 64, cpus: 1, cmdline },
-    plugins: [...devices, platformPc(), serial({ console: false, output: 'none', sink: (b) => chunks.push(b) }), bootLinux({ kernel: elf })],
-    log: silentLogger(),
-  });
-  let r: StopReason;
-  try {
-    await m.start();
-    const t = setTimeout(() => void m.stop({ reason: 'user', exitCode: 124, message: 'test timeout' }), 30_000);
-    r = await m.waitForStop();
-    clearTimeout(t);
-  } finally {
-    await m.stop();
-  }
-  const out = Buffer.concat(chunks).toString();
-  const parsed = parseProbeOutput(out);
-  return { out, r, rng: parsed.lines.find((l) => l.test === 'rng'), dev: parsed.lines.find((l) => l.test === 'rng_dev') };
+  const run = await runProbeOnKvmkit({ name: 'probe-rng', cmdline, devices, kernel: elf });
+  return { ...run, rng: run.line('rng'), dev: run.line('rng_dev') };
 }
 
 describe.skipIf(!hasKvm)('probe virtio-rng driver on kvmkit', () => {

@@ -7,13 +7,9 @@ import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { Machine, silentLogger, type StopReason } from '@kvmkit/kernel';
-import bootLinux from '@kvmkit/plugin-boot-linux';
-import serial from '@kvmkit/plugin-serial';
-import platformPc from '@kvmkit/plugin-platform-pc';
 import virtioBlk from '@kvmkit/plugin-virtio-blk';
-import { probeElfPath, parseProbeOutput, runQemuProbe, findExecutable } from '@kvmkit/testkit';
-import { hasKvm } from './helpers.js';
+import { probeElfPath, runQemuProbe, findExecutable } from '@kvmkit/testkit';
+import { hasKvm, runProbeOnKvmkit } from './helpers.js';
 
 const MiB = 1 << 20;
 const qemu = hasKvm ? findExecutable('qemu-system-x86_64') : null;
@@ -55,25 +51,9 @@ function checkImage(file: string, seed: bigint, start: number, n: number): void 
 }
 
 async function probeKvmkit(cmdline: string, disk: { path: string; readOnly?: boolean; syncIo?: boolean }) {
-  const chunks: Uint8Array[] = [];
-  const m = new Machine({
-    config: { name: 'probe-blk', memory: 64, cpus: 1, cmdline },
-    plugins: [virtioBlk({ path: disk.path, readOnly: disk.readOnly ?? false, ...(disk.syncIo === undefined ? {} : { syncIo: disk.syncIo }) }), platformPc(),
-      serial({ console: false, output: 'none', sink: (b) => chunks.push(b) }), bootLinux({ kernel: elf })],
-    log: silentLogger(),
-  });
-  let r: StopReason;
-  try {
-    await m.start();
-    const t = setTimeout(() => void m.stop({ reason: 'user', exitCode: 124, message: 'test timeout' }), 30_000);
-    r = await m.waitForStop();
-    clearTimeout(t);
-  } finally {
-    await m.stop();
-  }
-  const out = Buffer.concat(chunks).toString();
-  const parsed = parseProbeOutput(out);
-  return { out, r, parsed, blk: parsed.lines.find((l) => l.test === 'blk'), dev: parsed.lines.find((l) => l.test === 'blk_dev'), bench: parsed.lines.find((l) => l.test === 'blkbench') };
+  const blkDisk = virtioBlk({ path: disk.path, readOnly: disk.readOnly ?? false, ...(disk.syncIo === undefined ? {} : { syncIo: disk.syncIo }) });
+  const run = await runProbeOnKvmkit({ name: 'probe-blk', cmdline, devices: [blkDisk], kernel: elf });
+  return { ...run, blk: run.line('blk'), dev: run.line('blk_dev'), bench: run.line('blkbench') };
 }
 
 describe.skipIf(!hasKvm)('probe virtio-blk driver on kvmkit', () => {
@@ -204,20 +184,7 @@ describe.skipIf(!hasKvm)('probe virtio-mmio cmdline validation on kvmkit', () =>
     ['no entry at all', '', 'no_virtio_mmio_device_param'],
   ])('refuses %s before touching it', async (_what, param, err) => {
     // No disk plugin: the only virtio_mmio.device entry is the one given here.
-    const chunks: Uint8Array[] = [];
-    const m = new Machine({
-      config: { name: 'probe-blk-bad', memory: 64, cpus: 1, cmdline: `probe.test=blk ${param}`.trim() },
-      plugins: [platformPc(), serial({ console: false, output: 'none', sink: (b) => chunks.push(b) }), bootLinux({ kernel: elf })],
-      log: silentLogger(),
-    });
-    let r: StopReason;
-    try {
-      await m.start();
-      r = await m.waitForStop();
-    } finally {
-      await m.stop();
-    }
-    const out = Buffer.concat(chunks).toString();
+    const { out, r } = await runProbeOnKvmkit({ name: 'probe-blk-bad', cmdline: `probe.test=blk ${param}`.trim(), kernel: elf });
     expect(out).toContain(`PROBE error blk_${err}`);
     expect(r.exitCode).toBe(1);
   }, 30_000);

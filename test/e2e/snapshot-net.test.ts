@@ -98,21 +98,27 @@ function vm(args: Record<string, unknown>) {
   };
 }
 
-describe.skipIf(!!why)('virtio-net mid-traffic across snapshot → restore in a new process (real TAP)', () => {
-  let dir: string;
-  let p: ReturnType<typeof peer>;
+/** Per describe: a scratch directory and a running peer, both gone after its tests. */
+function peerAndDir(prefix: string) {
+  const env = {} as { dir: string; p: ReturnType<typeof peer> };
   beforeAll(async () => {
-    dir = mkdtempSync(join(tmpdir(), 'kvmkit-snapnet-'));
-    p = peer();
-    await p.ready();
+    env.dir = mkdtempSync(join(tmpdir(), prefix));
+    env.p = peer();
+    await env.p.ready();
   });
   afterAll(() => {
-    p?.quit();
-    p?.c.proc.kill('SIGKILL');
-    rmSync(dir, { recursive: true, force: true });
+    env.p?.quit();
+    env.p?.c.proc.kill('SIGKILL');
+    if (env.dir) rmSync(env.dir, { recursive: true, force: true });
   });
+  return env;
+}
+
+describe.skipIf(!!why)('virtio-net mid-traffic across snapshot → restore in a new process (real TAP)', () => {
+  const env = peerAndDir('kvmkit-snapnet-');
 
   it('TX posted but not consumed and a frame held for lack of RX buffers at full and diff snapshots: each sent/delivered exactly once after restore (eager, lazy); MAC and link status kept', async () => {
+    const { dir, p } = env;
     const s0 = join(dir, 's0.snap');
     const s1 = join(dir, 's1.snap');
     const s2 = join(dir, 's2.snap');
@@ -198,20 +204,10 @@ describe.skipIf(!!why)('virtio-net mid-traffic across snapshot → restore in a 
 });
 
 describe.skipIf(!!why)('virtio-net mid-traffic across live migration (same TAP name on the destination)', () => {
-  let dir: string;
-  let p: ReturnType<typeof peer>;
-  beforeAll(async () => {
-    dir = mkdtempSync(join(tmpdir(), 'kvmkit-mignet-'));
-    p = peer();
-    await p.ready();
-  });
-  afterAll(() => {
-    p?.quit();
-    p?.c.proc.kill('SIGKILL');
-    rmSync(dir, { recursive: true, force: true });
-  });
+  const env = peerAndDir('kvmkit-mignet-');
 
   it('TX made available during the pre-copy rounds goes out exactly once (source or destination); no RX frame twice, the held one moves; RX resumes on the destination', async () => {
+    const { dir, p } = env;
     const sock = join(dir, 'mig.sock');
     const src = vm({ role: 'mig-source', sock, txLimit: 150, rxLimit: 96 });
     let dst: ReturnType<typeof vm> | undefined;

@@ -1,4 +1,4 @@
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { accessSync, constants, existsSync } from 'node:fs';
 import { delimiter, dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -449,50 +449,101 @@ export interface UdpReceiver {
   stop(): Promise<UdpReceiverStats>;
 }
 
-function spawnLines(argv: string[], stdin: boolean) {
-  const p = spawn(argv[0]!, argv.slice(1), { stdio: [stdin ? 'pipe' : 'ignore', 'pipe', 'pipe'] });
+/** A child process that reports on stdout one JSON object per line (see spawnJsonLines). */
+export interface JsonLinesChild {
+  proc: ChildProcess;
+  /** Every line printed so far, parsed (a line that is not JSON is kept as { text }). */
+  lines: any[];
+  /**
+   * The first line matching `pred` or carrying a truthy `error` field (the fixtures' way to report a failure), waiting
+   * for it up to `ms` (default 20 000). Throws KVMKIT_ERR_TESTKIT_SPAWN when the child exited or the time passed
+   * without one; the child keeps running (kill it in a finally).
+   */
+  next(pred: (o: any) => boolean, ms?: number): Promise<any>;
+  /** The child's end: its last line, exit code, signal and stderr (rejects when it could not be started). */
+  done: Promise<{ last: any; exitCode: number | null; signal: NodeJS.Signals | null; stderr: string }>;
+  /** Its stderr so far (empty with inheritStderr). */
+  stderr(): string;
+}
+
+export interface JsonLinesOptions {
+  /** Give the child a stdin pipe (proc.stdin) instead of none. */
+  stdin?: boolean;
+  /** The child's stderr goes to ours instead of being collected. */
+  inheritStderr?: boolean;
+  /** Called with each parsed line; `kill()` sends SIGKILL to the child. */
+  onLine?: (o: any, kill: () => void) => void;
+}
+
+/** Spawns `argv` (program and arguments) and collects its stdout as JSON lines. */
+export function spawnJsonLines(argv: readonly string[], opts: JsonLinesOptions = {}): JsonLinesChild {
+  const p = spawn(argv[0]!, argv.slice(1), { stdio: [opts.stdin ? 'pipe' : 'ignore', 'pipe', opts.inheritStderr ? 'inherit' : 'pipe'] });
+  const lines: any[] = [];
+  const waiters: Array<() => void> = [];
+  const wake = () => waiters.splice(0).forEach((w) => w());
   let buf = '';
   let err = '';
-  const lines: unknown[] = [];
-  const waiters: Array<() => void> = [];
+  let exited = false;
   p.stdout!.setEncoding('utf8').on('data', (d: string) => {
     buf += d;
     let i;
     while ((i = buf.indexOf('\n')) >= 0) {
-      try {
-        lines.push(JSON.parse(buf.slice(0, i)));
-      } catch {
-        /* not JSON */
-      }
+      const text = buf.slice(0, i);
       buf = buf.slice(i + 1);
-      waiters.splice(0).forEach((w) => w());
+      let o: any;
+      try {
+        o = JSON.parse(text);
+      } catch {
+        o = { text };
+      }
+      lines.push(o);
+      opts.onLine?.(o, () => p.kill('SIGKILL'));
+      wake();
     }
   });
-  p.stderr!.setEncoding('utf8').on('data', (d: string) => (err += d));
-  let exited = false;
-  p.on('close', () => {
-    exited = true;
-    waiters.splice(0).forEach((w) => w());
+  p.stderr?.setEncoding('utf8').on('data', (d: string) => (err += d));
+  const done = new Promise<{ last: any; exitCode: number | null; signal: NodeJS.Signals | null; stderr: string }>((res, rej) => {
+    p.on('error', (e) => {
+      exited = true;
+      wake();
+      rej(new KvmkitError('KVMKIT_ERR_TESTKIT_SPAWN', `cannot run ${argv[0]}: ${e.message}`, { cause: e, details: { argv } }));
+    });
+    p.on('close', (exitCode, signal) => {
+      exited = true;
+      res({ last: lines.at(-1), exitCode, signal, stderr: err });
+      wake();
+    });
   });
-  p.on('error', () => {
-    exited = true;
-    waiters.splice(0).forEach((w) => w());
-  });
-  const next = async (n: number, ms: number): Promise<unknown> => {
+  done.catch(() => {}); // reported through next() too; an unobserved rejection must not fail the caller
+  const what = argv.slice(0, 6).map((a) => (a.length > 80 ? `${a.slice(0, 80)}…` : a)).join(' ');
+  const next = async (pred: (o: any) => boolean, ms = 20_000): Promise<any> => {
     const end = Date.now() + ms;
-    while (lines.length < n) {
+    for (;;) {
+      const hit = lines.find((o) => pred(o) || o.error);
+      if (hit) return hit;
       if (exited || Date.now() > end) {
-        p.kill('SIGKILL');
-        throw new KvmkitError('KVMKIT_ERR_TESTKIT_SPAWN', `${argv.slice(0, 5).join(' ')}: no result (${exited ? 'exited' : 'timeout'}): ${err.trim().slice(-300)}`);
+        const why = exited ? `exited ${p.exitCode ?? p.signalCode}` : `no line within ${ms} ms`;
+        throw new KvmkitError('KVMKIT_ERR_TESTKIT_SPAWN', `${what}: no matching line (${why}); lines ${JSON.stringify(lines)} stderr ${err.trim()}`, {
+          details: { argv, lines, stderr: err },
+        });
       }
       await new Promise<void>((r) => {
         waiters.push(r);
         setTimeout(r, 100);
       });
     }
-    return lines[n - 1];
   };
-  return { p, next };
+  return { proc: p, lines, next, done, stderr: () => err };
+}
+
+/** Waits for a line of a helper child and kills the child when none comes. */
+async function nextOrKill(c: JsonLinesChild, pred: (o: any) => boolean, ms: number): Promise<any> {
+  try {
+    return await c.next(pred, ms);
+  } catch (e) {
+    c.proc.kill('SIGKILL');
+    throw e;
+  }
 }
 
 /**
@@ -501,13 +552,13 @@ function spawnLines(argv: string[], stdin: boolean) {
  */
 export async function startNetnsUdpReceiver(ns: TestNetns, o: { address: string; port: number; count: number; size?: number; rcvbuf?: number }): Promise<UdpReceiver> {
   const args = { address: o.address, port: o.port, count: o.count, size: o.size ?? 0, rcvbuf: o.rcvbuf ?? 4 << 20 };
-  const { p, next } = spawnLines([...ns.wrap, process.execPath, '-e', RECEIVER_JS, JSON.stringify(args)], true);
-  const ready = (await next(1, 15_000)) as { rcvbuf: number };
+  const c = spawnJsonLines([...ns.wrap, process.execPath, '-e', RECEIVER_JS, JSON.stringify(args)], { stdin: true });
+  const ready = (await nextOrKill(c, (o) => o.ready === true, 15_000)) as { rcvbuf: number };
   return {
     rcvbuf: ready.rcvbuf,
     async stop() {
-      p.stdin!.end();
-      return (await next(2, 10_000)) as UdpReceiverStats;
+      c.proc.stdin!.end();
+      return (await nextOrKill(c, (o) => typeof o.received === 'number', 10_000)) as UdpReceiverStats;
     },
   };
 }
@@ -518,6 +569,6 @@ export async function startNetnsUdpReceiver(ns: TestNetns, o: { address: string;
  */
 export async function runNetnsUdpSender(ns: TestNetns, o: { address: string; port: number; count: number; size: number; pps: number; burst?: number; timeoutMs?: number }): Promise<{ sent: number; errors: number; ms: number }> {
   const args = { address: o.address, port: o.port, count: o.count, size: o.size, pps: o.pps, burst: o.burst ?? 16 };
-  const { next } = spawnLines([...ns.wrap, process.execPath, '-e', SENDER_JS, JSON.stringify(args)], false);
-  return (await next(1, o.timeoutMs ?? 60_000)) as { sent: number; errors: number; ms: number };
+  const c = spawnJsonLines([...ns.wrap, process.execPath, '-e', SENDER_JS, JSON.stringify(args)]);
+  return (await nextOrKill(c, (o) => typeof o.sent === 'number', o.timeoutMs ?? 60_000)) as { sent: number; errors: number; ms: number };
 }
