@@ -14,6 +14,7 @@ import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { Machine, silentLogger, type Plugin } from '@kvmkit/kernel';
 import bootLinux, { parseVmlinux } from '@kvmkit/plugin-boot-linux';
+import { syntheticBzImage, syntheticKernelElf, xzKernelPayload } from '@kvmkit/testkit';
 import { hasKvm, exitPort, assembleText, irqchipPlugin, runSyntheticKernel } from './helpers.js';
 
 let tools = true;
@@ -75,56 +76,17 @@ let tmp: string;
 const assemble = (name: string, src: string) => assembleText(tmp, name, src);
 
 /** vmlinux.bin stand-in: ELF64 x86-64, text at LOAD (entry), data + .bss at DATA, 2 MiB p_align. */
-function makeKernelElf(code: Uint8Array): Uint8Array {
-  const data = new TextEncoder().encode(DATA_MAGIC);
-  const img = new Uint8Array(0x3000);
-  const dv = new DataView(img.buffer);
-  img.set([0x7f, 0x45, 0x4c, 0x46, 2, 1, 1], 0);
-  dv.setUint16(16, 2, true); dv.setUint16(18, 62, true); dv.setUint32(20, 1, true);
-  dv.setBigUint64(24, BigInt(LOAD), true); dv.setBigUint64(32, 64n, true);
-  dv.setUint16(52, 64, true); dv.setUint16(54, 56, true); dv.setUint16(56, 2, true);
-  const ph = (i: number, off: number, paddr: number, size: number, memsz: number) => {
-    const p = 64 + i * 56;
-    dv.setUint32(p, 1, true); dv.setUint32(p + 4, 7, true);
-    dv.setBigUint64(p + 8, BigInt(off), true);
-    dv.setBigUint64(p + 16, 0xffffffff80000000n + BigInt(paddr), true);
-    dv.setBigUint64(p + 24, BigInt(paddr), true);
-    dv.setBigUint64(p + 32, BigInt(size), true); dv.setBigUint64(p + 40, BigInt(memsz), true);
-    dv.setBigUint64(p + 48, 0x200000n, true);
-  };
-  ph(0, 0x1000, LOAD, code.length, code.length);
-  ph(1, 0x2000, DATA, data.length, data.length + BSS);
-  img.set(code, 0x1000);
-  img.set(data, 0x2000);
-  return img;
-}
+const makeKernelElf = (code: Uint8Array) =>
+  syntheticKernelElf([{ paddr: LOAD, data: code }, { paddr: DATA, data: new TextEncoder().encode(DATA_MAGIC), memsz: DATA_MAGIC.length + BSS }], LOAD);
 
 /** A bzImage whose protected-mode code is a pretend decompressor (startup_64 at +0x200 exits 0xEE) + the payload. */
-function makeBzImage(payload: Uint8Array): Uint8Array {
-  const pm = 0x400 + payload.length;
-  const syssize = Math.ceil(pm / 16);
-  const img = new Uint8Array(0x400 + syssize * 16);
-  const dv = new DataView(img.buffer);
-  img[0x1f1] = 1;
-  dv.setUint32(0x1f4, syssize, true);
-  dv.setUint16(0x1fe, 0xaa55, true);
-  img[0x200] = 0xeb; img[0x201] = 0x66;
-  dv.setUint32(0x202, 0x53726448, true);
-  dv.setUint16(0x206, 0x020f, true);
-  img[0x211] = 0x01 | 0x02; // LOADED_HIGH, and a stale KASLR_FLAG the loader must clear
-  dv.setUint32(0x22c, 0x7fffffff, true);
-  dv.setUint32(0x230, 0x200000, true);
-  dv.setUint16(0x236, 0x01, true);
-  dv.setUint32(0x238, 2047, true);
-  dv.setUint32(0x248, 0x400, true);
-  dv.setUint32(0x24c, payload.length, true);
-  dv.setBigUint64(0x258, BigInt(LOAD), true);
-  dv.setUint32(0x260, 0x400000, true);
-  img.fill(0xf4, 0x400, 0x800);
-  img.set([0xb0, GUEST_DECOMPRESSOR, 0xe6, 0xf4, 0xf4], 0x400 + 0x200); // startup_64: mov $0xee,%al; out %al,$0xf4; hlt
-  img.set(payload, 0x800);
-  return img;
-}
+const makeBzImage = (payload: Uint8Array) =>
+  syntheticBzImage({
+    payload,
+    startup64: Uint8Array.of(0xb0, GUEST_DECOMPRESSOR, 0xe6, 0xf4, 0xf4), // mov $0xee,%al; out %al,$0xf4; hlt
+    loadflags: 0x01 | 0x02, // LOADED_HIGH, and a stale KASLR_FLAG the loader must clear
+    pref: LOAD,
+  });
 
 const run = (kernel: string, initrd: string, decompress?: 'auto' | 'host' | 'guest') =>
   runSyntheticKernel({ name: 'entry-hd', cpus: 1, cmdline: CMDLINE, boot: { kernel, initrd, ...(decompress ? { decompress } : {}) } });
@@ -141,13 +103,8 @@ describe.skipIf(!hasKvm || !tools)('boot-linux host decompression hand-over on /
   afterAll(() => rmSync(tmp, { recursive: true, force: true }));
 
   const xzBzImage = (): string => {
-    const f = join(tmp, 'vmlinux.bin');
-    writeFileSync(f, elf);
-    const c = execFileSync('xz', ['-c', '-T1', '--x86', '--lzma2=preset=9', '--check=crc32', f]);
-    const size = Buffer.alloc(4);
-    size.writeUInt32LE(elf.length); // size_append, as the kernel build does
     const k = join(tmp, 'bzImage-xz');
-    writeFileSync(k, makeBzImage(new Uint8Array(Buffer.concat([c, size]))));
+    writeFileSync(k, makeBzImage(xzKernelPayload(elf, tmp, 9)));
     return k;
   };
 

@@ -9,6 +9,7 @@ import { execFileSync } from 'node:child_process';
 import { mkdtempSync, writeFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { syntheticBzImage } from '@kvmkit/testkit';
 import { hasKvm, assembleText, runSyntheticKernel } from './helpers.js';
 
 let gcc = true;
@@ -79,27 +80,7 @@ let tmp: string;
 const assemble = (name: string, src: string) => assembleText(tmp, name, src);
 
 /** A minimal bzImage: one setup sector, protocol 2.15, XLF_KERNEL_64, `code` at payload + 0x200. */
-function makeBzImage(code: Uint8Array): Uint8Array {
-  const payloadLen = Math.ceil((0x200 + code.length) / 16) * 16;
-  const img = new Uint8Array(0x400 + payloadLen);
-  const dv = new DataView(img.buffer);
-  img[0x1f1] = 1; // setup_sects
-  dv.setUint32(0x1f4, payloadLen / 16, true); // syssize
-  dv.setUint16(0x1fe, 0xaa55, true);
-  img[0x200] = 0xeb; img[0x201] = 0x66; // jmp: header ends at 0x268
-  dv.setUint32(0x202, 0x53726448, true);
-  dv.setUint16(0x206, 0x020f, true);
-  img[0x211] = 0x01; // LOADED_HIGH
-  dv.setUint32(0x22c, 0x7fffffff, true); // initrd_addr_max
-  dv.setUint32(0x230, 0x200000, true); // kernel_alignment
-  dv.setUint16(0x236, 0x01, true); // XLF_KERNEL_64
-  dv.setUint32(0x238, 2047, true); // cmdline_size
-  dv.setBigUint64(0x258, 0x1000000n, true); // pref_address
-  dv.setUint32(0x260, 0x100000, true); // init_size
-  img.fill(0xf4, 0x400, 0x600); // startup_32 area: hlt
-  img.set(code, 0x600);
-  return img;
-}
+const makeBzImage = (code: Uint8Array) => syntheticBzImage({ startup64: code, initSize: 0x100000 });
 
 /** A minimal ELF64 with one PT_LOAD at 1 MiB and a Xen PHYS32_ENTRY note pointing at it. */
 function makePvhElf(code: Uint8Array): Uint8Array {

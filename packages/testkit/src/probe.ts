@@ -1,5 +1,5 @@
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { accessSync, constants, existsSync } from 'node:fs';
+import { accessSync, constants, existsSync, rmSync, writeFileSync } from 'node:fs';
 import { delimiter, dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { KvmkitError } from '@kvmkit/kernel';
@@ -571,4 +571,127 @@ export async function runNetnsUdpSender(ns: TestNetns, o: { address: string; por
   const args = { address: o.address, port: o.port, count: o.count, size: o.size, pps: o.pps, burst: o.burst ?? 16 };
   const c = spawnJsonLines([...ns.wrap, process.execPath, '-e', SENDER_JS, JSON.stringify(args)]);
   return (await nextOrKill(c, (o) => typeof o.sent === 'number', o.timeoutMs ?? 60_000)) as { sent: number; errors: number; ms: number };
+}
+
+// ---- synthetic kernel images for boot-loader tests (a few bytes of our own code behind a real header) ----
+
+export interface SyntheticSegment {
+  /** Guest physical load address (p_paddr). */
+  paddr: number;
+  /** The segment's file bytes. */
+  data: Uint8Array;
+  /** Size in memory (default data.length; more = .bss). */
+  memsz?: number;
+  /** p_align (default 2 MiB, what the kernel build uses). */
+  align?: number;
+}
+
+/**
+ * A minimal ELF64 x86-64 executable shaped like vmlinux.bin (the kernel a bzImage decompresses to): one PT_LOAD
+ * per segment (p_vaddr = 0xffffffff80000000 + paddr, RWX) at page-aligned file offsets from 0x1000, then an
+ * empty PT_NOTE, which a loader must ignore.
+ */
+export function syntheticKernelElf(segs: readonly SyntheticSegment[], entry: number): Uint8Array {
+  const phoff = 64;
+  let off = 0x1000;
+  const placed = segs.map((s) => {
+    const o = off;
+    off += Math.ceil(s.data.length / 0x1000 + 1) * 0x1000;
+    return o;
+  });
+  const img = new Uint8Array(off);
+  const dv = new DataView(img.buffer);
+  img.set([0x7f, 0x45, 0x4c, 0x46, 2, 1, 1], 0); // ELFCLASS64, little-endian, version 1
+  dv.setUint16(16, 2, true); // ET_EXEC
+  dv.setUint16(18, 62, true); // EM_X86_64
+  dv.setUint32(20, 1, true);
+  dv.setBigUint64(24, BigInt(entry), true);
+  dv.setBigUint64(32, BigInt(phoff), true);
+  dv.setUint16(52, 64, true); // e_ehsize
+  dv.setUint16(54, 56, true); // e_phentsize
+  dv.setUint16(56, segs.length + 1, true); // e_phnum
+  segs.forEach((s, i) => {
+    const p = phoff + i * 56;
+    dv.setUint32(p, 1, true); // PT_LOAD
+    dv.setUint32(p + 4, 7, true);
+    dv.setBigUint64(p + 8, BigInt(placed[i]!), true);
+    dv.setBigUint64(p + 16, 0xffffffff80000000n + BigInt(s.paddr), true);
+    dv.setBigUint64(p + 24, BigInt(s.paddr), true);
+    dv.setBigUint64(p + 32, BigInt(s.data.length), true);
+    dv.setBigUint64(p + 40, BigInt(s.memsz ?? s.data.length), true);
+    dv.setBigUint64(p + 48, BigInt(s.align ?? 0x200000), true);
+    img.set(s.data, placed[i]!);
+  });
+  dv.setUint32(phoff + segs.length * 56, 4, true); // PT_NOTE, empty
+  return img;
+}
+
+export interface SyntheticBzImageOptions {
+  /** Code at startup_64 (protected-mode code + 0x200); the rest of the protected-mode code is hlt. At most 0x200 bytes with a payload. */
+  startup64?: Uint8Array;
+  /** A compressed kernel, placed after 0x400 bytes of protected-mode code (payload_offset 0x400, payload_length). */
+  payload?: Uint8Array;
+  /** Setup header loadflags (default 0x01, LOADED_HIGH). */
+  loadflags?: number;
+  /** relocatable_kernel (default false). */
+  relocatable?: boolean;
+  /** pref_address (default 0x1000000). */
+  pref?: number;
+  /** init_size (default 0x400000). */
+  initSize?: number;
+}
+
+/** A bzImage with one setup sector, boot protocol 2.15 and XLF_KERNEL_64 (initrd_addr_max 2 GiB - 1, 2 MiB kernel_alignment). */
+export function syntheticBzImage(o: SyntheticBzImageOptions = {}): Uint8Array {
+  const code = o.startup64 ?? new Uint8Array(0);
+  if (o.payload && code.length > 0x200) {
+    throw new KvmkitError('KVMKIT_ERR_CONFIG', `startup64 (${code.length} bytes) must fit in 0x200 bytes before the payload`);
+  }
+  // Protected-mode code: startup_32 at +0, startup_64 at +0x200, the payload at +0x400.
+  const pm = o.payload ? 0x400 + o.payload.length : code.length > 0 ? 0x200 + code.length : 0x400;
+  const syssize = Math.ceil(pm / 16);
+  const img = new Uint8Array(0x400 + syssize * 16);
+  const dv = new DataView(img.buffer);
+  img[0x1f1] = 1; // setup_sects
+  dv.setUint32(0x1f4, syssize, true);
+  dv.setUint16(0x1fe, 0xaa55, true); // boot_flag
+  img[0x200] = 0xeb; // jump over the header (it ends at 0x268)
+  img[0x201] = 0x66;
+  dv.setUint32(0x202, 0x53726448, true); // "HdrS"
+  dv.setUint16(0x206, 0x020f, true); // protocol 2.15
+  img[0x211] = o.loadflags ?? 0x01;
+  dv.setUint32(0x22c, 0x7fffffff, true); // initrd_addr_max
+  dv.setUint32(0x230, 0x200000, true); // kernel_alignment
+  img[0x234] = o.relocatable ? 1 : 0;
+  dv.setUint16(0x236, 0x01, true); // xloadflags: XLF_KERNEL_64
+  dv.setUint32(0x238, 2047, true); // cmdline_size
+  if (o.payload) {
+    dv.setUint32(0x248, 0x400, true); // payload_offset (from the protected-mode code)
+    dv.setUint32(0x24c, o.payload.length, true);
+  }
+  dv.setBigUint64(0x258, BigInt(o.pref ?? 0x1000000), true);
+  dv.setUint32(0x260, o.initSize ?? 0x400000, true);
+  img.fill(0xf4, 0x400, o.payload || code.length === 0 ? 0x800 : 0x600); // hlt where there is no code of ours
+  img.set(code, 0x600);
+  if (o.payload) img.set(o.payload, 0x800);
+  return img;
+}
+
+let xzSeq = 0;
+
+/**
+ * Compresses `data` with the xz CLI the way the kernel build does (BCJ x86 filter + LZMA2, CRC32 check) and
+ * appends its size as 4 little-endian bytes (size_append). `dir` holds the temporary input file.
+ */
+export function xzKernelPayload(data: Uint8Array, dir: string, preset = 6): Uint8Array {
+  const f = join(dir, `xz-in-${process.pid}-${xzSeq++}`);
+  writeFileSync(f, data);
+  try {
+    const c = execFileSync('xz', ['-c', '-T1', '--x86', `--lzma2=preset=${preset}`, '--check=crc32', f], { maxBuffer: 1 << 30 });
+    const size = Buffer.alloc(4);
+    size.writeUInt32LE(data.length);
+    return new Uint8Array(Buffer.concat([c, size]));
+  } finally {
+    rmSync(f, { force: true });
+  }
 }

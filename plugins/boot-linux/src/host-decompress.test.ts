@@ -5,6 +5,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { GuestMemory, defaultMemoryLayout, silentLogger, isKvmkitError, type BootContext, type Vm } from '@kvmkit/kernel';
+import { syntheticBzImage, syntheticKernelElf, xzKernelPayload, type SyntheticBzImageOptions, type SyntheticSegment } from '@kvmkit/testkit';
 import { prepareLinuxBoot, payloadFormat, parseVmlinux, type BootLinuxOptions } from './index.js';
 
 const MiB = 1024 * 1024;
@@ -34,71 +35,11 @@ function ctxFor(memMiB: number, cmdline = 'a=b', logs: LogRecord[] = []): BootCo
   };
 }
 
-interface Seg { paddr: number; data: Uint8Array; memsz?: number; align?: number }
-/** A minimal ELF64 x86-64 executable with the given PT_LOAD segments (what vmlinux.bin looks like). */
-function makeKernelElf(segs: Seg[], entry: number): Uint8Array {
-  const phoff = 64;
-  let off = 0x1000;
-  const placed = segs.map((s) => { const o = off; off += Math.ceil(s.data.length / 0x1000 + 1) * 0x1000; return o; });
-  const img = new Uint8Array(off);
-  const dv = new DataView(img.buffer);
-  img.set([0x7f, 0x45, 0x4c, 0x46, 2, 1, 1], 0);
-  dv.setUint16(16, 2, true); dv.setUint16(18, 62, true); dv.setUint32(20, 1, true);
-  dv.setBigUint64(24, BigInt(entry), true); dv.setBigUint64(32, BigInt(phoff), true);
-  dv.setUint16(52, 64, true); dv.setUint16(54, 56, true); dv.setUint16(56, segs.length + 1, true);
-  segs.forEach((s, i) => {
-    const p = phoff + i * 56;
-    dv.setUint32(p, 1, true); dv.setUint32(p + 4, 7, true);
-    dv.setBigUint64(p + 8, BigInt(placed[i]!), true);
-    dv.setBigUint64(p + 16, 0xffffffff80000000n + BigInt(s.paddr), true);
-    dv.setBigUint64(p + 24, BigInt(s.paddr), true);
-    dv.setBigUint64(p + 32, BigInt(s.data.length), true);
-    dv.setBigUint64(p + 40, BigInt(s.memsz ?? s.data.length), true);
-    dv.setBigUint64(p + 48, BigInt(s.align ?? 0x200000), true);
-    img.set(s.data, placed[i]!);
-  });
-  // a PT_NOTE (ignored) to check that only PT_LOAD is loaded
-  const n = phoff + segs.length * 56;
-  dv.setUint32(n, 4, true);
-  return img;
-}
-
-/** The kernel's build appends the uncompressed size (size_append) to an xz payload. */
-function xzPayload(elf: Uint8Array, dir: string): Uint8Array {
-  const f = join(dir, `elf-${elf.length}-${Math.random().toString(36).slice(2)}`);
-  writeFileSync(f, elf);
-  const c = execFileSync('xz', ['-c', '-T1', '--x86', '--lzma2=preset=6', '--check=crc32', f]);
-  const size = Buffer.alloc(4);
-  size.writeUInt32LE(elf.length);
-  return new Uint8Array(Buffer.concat([c, size]));
-}
-
-/** A bzImage (protocol 2.15, XLF_KERNEL_64) whose protected-mode part is 0x200 bytes of "decompressor" + the payload. */
-function makeBzImage(payload: Uint8Array, o: { relocatable?: boolean; pref?: number; loadflags?: number } = {}): Uint8Array {
-  const pm = 0x400 + payload.length;
-  const syssize = Math.ceil(pm / 16);
-  const img = new Uint8Array(0x400 + syssize * 16);
-  const dv = new DataView(img.buffer);
-  img[0x1f1] = 1;
-  dv.setUint32(0x1f4, syssize, true);
-  dv.setUint16(0x1fe, 0xaa55, true);
-  img[0x200] = 0xeb; img[0x201] = 0x66;
-  dv.setUint32(0x202, 0x53726448, true);
-  dv.setUint16(0x206, 0x020f, true);
-  img[0x211] = o.loadflags ?? 0x01;
-  dv.setUint32(0x22c, 0x7fffffff, true);
-  dv.setUint32(0x230, 0x200000, true);
-  img[0x234] = o.relocatable ? 1 : 0;
-  dv.setUint16(0x236, 0x01, true);
-  dv.setUint32(0x238, 2047, true);
-  dv.setUint32(0x248, 0x400, true); // payload_offset (from the protected-mode code)
-  dv.setUint32(0x24c, payload.length, true);
-  dv.setBigUint64(0x258, BigInt(o.pref ?? LOAD), true);
-  dv.setUint32(0x260, 0x400000, true);
-  img.fill(0xf4, 0x400, 0x800); // startup_32/64 of our pretend decompressor: hlt
-  img.set(payload, 0x800);
-  return img;
-}
+type Seg = SyntheticSegment;
+const makeKernelElf = syntheticKernelElf;
+const xzPayload = (elf: Uint8Array, dir: string) => xzKernelPayload(elf, dir);
+/** A bzImage whose protected-mode part is 0x400 bytes of hlt ("decompressor") + the payload. */
+const makeBzImage = (payload: Uint8Array, o: Omit<SyntheticBzImageOptions, 'payload'> = {}) => syntheticBzImage({ ...o, payload });
 
 async function codeOf(p: Promise<unknown>): Promise<{ code: string; reason?: unknown; details: Record<string, unknown>; message: string }> {
   try {
