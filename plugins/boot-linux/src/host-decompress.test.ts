@@ -1,11 +1,10 @@
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
-import { execFileSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, writeFileSync, rmSync, existsSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { GuestMemory, defaultMemoryLayout, silentLogger, isKvmkitError, type BootContext, type Vm } from '@kvmkit/kernel';
-import { syntheticBzImage, syntheticKernelElf, xzKernelPayload, type SyntheticBzImageOptions, type SyntheticSegment } from '@kvmkit/testkit';
+import { findExecutable, syntheticBzImage, syntheticKernelElf, xzKernelPayload, type SyntheticBzImageOptions, type SyntheticSegment } from '@kvmkit/testkit';
 import { prepareLinuxBoot, payloadFormat, parseVmlinux, type BootLinuxOptions } from './index.js';
 
 const MiB = 1024 * 1024;
@@ -13,13 +12,8 @@ const allZero = (b: Uint8Array) => Buffer.compare(b, Buffer.alloc(b.length)) ===
 const ZP = 0x7000;
 const LOAD = 0x1000000;
 
-let haveXz = true;
-try {
-  execFileSync('xz', ['--version'], { stdio: 'ignore' });
-} catch {
-  haveXz = false;
-  console.warn('host-decompress xz cases skipped: install xz-utils');
-}
+const haveXz = findExecutable('xz') !== undefined;
+if (!haveXz) console.warn('host-decompress xz cases skipped: install xz-utils');
 
 interface LogRecord { obj: Record<string, unknown>; msg: string }
 function ctxFor(memMiB: number, cmdline = 'a=b', logs: LogRecord[] = []): BootContext {
