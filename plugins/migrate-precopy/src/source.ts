@@ -193,6 +193,9 @@ export async function runPrecopy(m0: MachineApi, raw: unknown): Promise<Migratio
     let carry: number[][];
     for (;;) {
       carry = readDirty();
+      // Test fault 'round': cut during the live rounds, whether or not the guest dirtied anything (an idle or
+      // descheduled guest may end round 0 with no dirty page, which used to skip the cut).
+      if (rounds === 1) fault('round');
       const dirty = carry.reduce((a, l) => a + l.length, 0);
       const rate = s.rate() || 100_000; // bytes/ms; 100 MB/s until measured
       o.onProgress?.({ round: rounds, pages: s.pagesSent, dirty, rateMBs: rate / 1000 });
@@ -200,7 +203,6 @@ export async function runPrecopy(m0: MachineApi, raw: unknown): Promise<Migratio
       for (const [i, r] of regions.entries()) await s.send(i, r, carry[i]!, false);
       await ch.sendJson(F.ROUND, { round: rounds, pages: dirty });
       rounds++;
-      fault('round');
     }
     const tPause = performance.now();
     if (wasRunning) {
