@@ -18,7 +18,8 @@
 //     guest's rate (first → last datagram seen) is the VMM's delivery rate. lost = datagrams the guest never saw.
 // QEMU vhost-net (data path in the host kernel) is a separate row when /dev/vhost-net exists; it does not here.
 // Host CPU: utime+stime of the VMM process (/proc/<pid>/stat, all threads; 10 ms ticks) sampled at the guest's
-// `PROBE net_dev` line (just before the loop) and at its `PROBE net mode=` line (just after).
+// `PROBE net_dev` line (just before the loop) and at its `PROBE net mode=` line (just after); runs shorter than a
+// few ticks give 0 (the ratio then reads n/a): keep the default counts for CPU figures.
 import { spawn, execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { loadavg, tmpdir } from 'node:os';
@@ -335,7 +336,7 @@ for (const c of cases) {
   const m = Object.fromEntries(ps.map((p) => [p, { pps: med(sm[p].map((s) => s.pps)), cpuSPerGiB: med(sm[p].map((s) => s.cpuSPerGiB)), lost: Math.max(...sm[p].map((s) => s.lost ?? 0)) }]));
   results.medians[c.key] = m;
   let l = c.key.padEnd(15) + peers.map((p) => pad(`${(m[p].pps / 1000).toFixed(1)}k pps`, 13)).join('') + kv.map((p) => pad(`${(m[p].pps / m.qemu.pps).toFixed(2)}x`, 18)).join('');
-  l += ' |' + peers.filter((p) => p !== 'qemu-vhost').map((p) => pad(m[p].cpuSPerGiB.toFixed(1), 22)).join('') + kv.map((p) => pad(`${(m[p].cpuSPerGiB / m.qemu.cpuSPerGiB).toFixed(2)}x`, 18)).join('');
+  l += ' |' + peers.filter((p) => p !== 'qemu-vhost').map((p) => pad(m[p].cpuSPerGiB.toFixed(1), 22)).join('') + kv.map((p) => pad(m.qemu.cpuSPerGiB > 0 ? `${(m[p].cpuSPerGiB / m.qemu.cpuSPerGiB).toFixed(2)}x` : 'n/a', 18)).join('');
   lines.push(l);
 }
 console.log(
