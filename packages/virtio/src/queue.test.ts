@@ -49,6 +49,24 @@ const err = (fn: () => unknown, re: RegExp) => {
 };
 
 describe('split virtqueue', () => {
+  it('unpop gives back only the chain popped last; the next pop returns it again', () => {
+    const { q, desc, publish } = mk();
+    desc(0, 0x4000n, 16, F.WRITE, 0);
+    desc(1, 0x5000n, 16, F.WRITE, 0);
+    publish(0, 1);
+    const a = q.pop()!;
+    q.unpop(a);
+    expect(q.pending()).toBe(2);
+    const a2 = q.pop()!;
+    expect(a2.head).toBe(0);
+    const b = q.pop()!;
+    expect(b.head).toBe(1);
+    err(() => q.unpop(a2), /not the one popped last/);
+    q.unpop(b);
+    err(() => q.unpop(b), /not the one popped last/);   // twice: the second would skip back past a2
+    expect(q.pop()!.head).toBe(1);
+  });
+
   it('walks a direct chain: readable then writable', () => {
     const { q, desc, publish } = mk();
     desc(0, 0x4000n, 16, F.NEXT, 3);

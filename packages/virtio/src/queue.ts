@@ -111,6 +111,7 @@ export class Virtqueue {
   signalledUsed = 0;
   /** Bumped by reset(): chains popped before become invalid. */
   epoch = 0;
+  private lastPopped: DescriptorChain | undefined;
   indirect = false;
   eventIdx = false;
 
@@ -229,10 +230,25 @@ export class Virtqueue {
     }
     const head = this.avail!.getUint16(4 + 2 * (this.lastAvail % this.size), true);
     this.lastAvail = (this.lastAvail + 1) & 0xffff;
+    this.lastPopped = undefined;
     if (head >= this.size) {
       throw new VirtqueueError(`queue ${this.index}: head index ${head} >= queue size ${this.size}`, { queue: this.index, head });
     }
-    return this.walk(head);
+    const chain = this.walk(head);
+    this.lastPopped = chain;
+    return chain;
+  }
+
+  /**
+   * Gives back the chain `pop()` returned last, not completed: the next `pop()` returns it again (e.g. a NIC that
+   * popped an RX buffer and then found no frame). Only that chain, only before any other pop; a chain from before
+   * a queue reset is ignored (the reset already forgot it). Anything else throws VirtqueueError (a device bug).
+   */
+  unpop(c: DescriptorChain): void {
+    if (!c.valid) return;
+    if (c !== this.lastPopped) throw new VirtqueueError(`queue ${this.index}: unpop of a chain that is not the one popped last`, { queue: this.index, head: c.head });
+    this.lastAvail = (this.lastAvail - 1) & 0xffff;
+    this.lastPopped = undefined;
   }
 
   private walk(head: number): DescriptorChain {

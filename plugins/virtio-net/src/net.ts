@@ -31,14 +31,6 @@ export const TXQ = 1;
 /** Most chains one queue serves per event-loop turn (then TX continues from a macrotask, RX on the next poll). */
 export const TURN_CHAINS = 256;
 
-/**
- * Gives back the chain popped last and not completed: the next pop() returns it again. Only valid right after
- * that pop (no other pop in between); a chain from before a queue reset is left alone.
- */
-function unpop(vq: Virtqueue, c: DescriptorChain): void {
-  if (c.valid) vq.lastAvail = (vq.lastAvail - 1) & 0xffff;
-}
-
 export interface NetStats {
   rxPackets: number;
   rxBytes: number;
@@ -318,15 +310,15 @@ export class VirtioNet extends VirtioDevice {
         }
         if (r === -11) {
           // TAP drained: the chain goes back to the ring untouched (as far as the driver can tell).
-          unpop(vq, c);
+          vq.unpop(c);
           break;
         }
         if (r < 0) {
-          unpop(vq, c);
+          vq.unpop(c);
           throw new KvmkitError('KVMKIT_ERR_VIRTIO_NET_TAP', `TAP read failed: errno ${-r}`, { details: { errno: -r } });
         }
         if (r < VNET_HDR_SIZE) {
-          unpop(vq, c); // not a frame: skip it, the chain is used for the next one
+          vq.unpop(c); // not a frame: skip it, the chain is used for the next one
           continue;
         }
         // Longer than the chain's only buffer: dropped, the chain completes empty (as deliverCopy does).
