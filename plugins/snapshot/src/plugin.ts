@@ -1,6 +1,30 @@
-import { checkOptions, type Machine, type Plugin } from '@kvmkit/kernel';
-import { fullStrategy, diffStrategy, newTracker, type SnapshotOptions, type SnapshotResult } from './strategies.js';
+import { checkOptions, type Machine, type Plugin, type Strategy } from '@kvmkit/kernel';
+import type { SnapshotOptions, SnapshotResult, Tracker } from './strategies.js';
 import { statefulMachine, findSnapshotStrategy } from './machine.js';
+
+/*
+ * Start-up: every VM gets this plugin, but few take a snapshot. The strategy code (state/memory file writers,
+ * hashing; ./strategies.js and what it imports) is imported on a strategy's first run, not with the plugin.
+ */
+type StrategiesModule = typeof import('./strategies.js');
+let strategiesModule: Promise<StrategiesModule> | undefined;
+const loadStrategies = (): Promise<StrategiesModule> => (strategiesModule ??= import('./strategies.js'));
+
+/** A strategy whose code loads on its first run: the same as `fullStrategy(t)`/`diffStrategy(t)` then. */
+function lazyStrategy(kind: 'full' | 'diff', description: string, t: Tracker): Strategy {
+  let real: Strategy | undefined;
+  return {
+    name: kind,
+    description,
+    run: async (m, o) => {
+      if (!real) {
+        const s = await loadStrategies();
+        real = kind === 'full' ? s.fullStrategy(t) : s.diffStrategy(t);
+      }
+      return real.run(m, o);
+    },
+  };
+}
 
 /** What the plugin publishes with machine.provide('snapshot', …). */
 export interface SnapshotApi {
@@ -34,10 +58,11 @@ export default function snapshotPlugin(options: SnapshotPluginOptions = {}): Plu
       checkOptions('snapshot', o, { strategies: { type: 'boolean' } });
     },
     apply(machine) {
-      const t = newTracker();
+      // Same as strategies.js newTracker() (kept here so that the plugin does not import the strategies).
+      const t: Tracker = { base: undefined, pending: new Map(), logging: false, io: new Set() };
       if (options.strategies !== false) {
-        const full = fullStrategy(t);
-        const diff = diffStrategy(t);
+        const full = lazyStrategy('full', 'pause, write state + whole memory, resume (or stop)', t);
+        const diff = lazyStrategy('diff', 'pages dirtied since the previous snapshot (KVM dirty log), referencing it by hash', t);
         machine.hooks.snapshotStrategy.for('full').tap('snapshot', () => full);
         machine.hooks.snapshotStrategy.for('diff').tap('snapshot', () => diff);
       }
