@@ -34,10 +34,18 @@ function lazyLogger(make: (level: LevelWithSilent) => PinoLogger, level: LevelWi
   let real: PinoLogger | undefined;
   let lvl = level;
   const materialize = (): PinoLogger => (real ??= make(lvl));
+  // Methods are bound to the real logger; the bound copy is kept while the property holds the same function
+  // (pino swaps its level methods when the level changes), so a log call allocates nothing.
+  const bound = new Map<string | symbol, { fn: unknown; b: unknown }>();
   const forward = (p: string | symbol): unknown => {
     const r = materialize();
     const v = Reflect.get(r, p, r) as unknown;
-    return typeof v === 'function' ? (v as (...a: unknown[]) => unknown).bind(r) : v;
+    if (typeof v !== 'function') return v;
+    const c = bound.get(p);
+    if (c?.fn === v) return c.b;
+    const b = (v as (...a: unknown[]) => unknown).bind(r);
+    bound.set(p, { fn: v, b });
+    return b;
   };
   const handler: ProxyHandler<object> = {
     get(_t, p) {
