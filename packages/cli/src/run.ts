@@ -64,7 +64,8 @@ type PluginModule = { default: (o?: unknown) => Plugin };
  */
 async function withStrategies(plugins: Plugin[]): Promise<Plugin[]> {
   const out = [...plugins];
-  for (const [name, mod] of [['snapshot', '@kvmkit/plugin-snapshot'], ['migrate-precopy', '@kvmkit/plugin-migrate-precopy']] as const) {
+  // The packages' `./plugin` entries: the plugin objects without the strategy code (loaded on first use).
+  for (const [name, mod] of [['snapshot', '@kvmkit/plugin-snapshot/plugin'], ['migrate-precopy', '@kvmkit/plugin-migrate-precopy/plugin']] as const) {
     if (out.some((p) => p.name === name)) continue;
     const m = await optionalModule<PluginModule>(mod);
     if (m) out.push(m.default());

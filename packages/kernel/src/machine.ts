@@ -1,4 +1,4 @@
-import { Worker } from 'node:worker_threads';
+import type { Worker } from 'node:worker_threads';
 import { fileURLToPath } from 'node:url';
 import { readFileSync } from 'node:fs';
 import { KvmkitError, toKvmkitError, reviveError } from './errors.js';
@@ -19,7 +19,7 @@ import { saveVcpuState, restoreVcpuState, type VcpuState } from './kvm/vcpu-stat
 import { KVM_EXIT, KVM_SYSTEM_EVENT, type VcpuExit } from './exits.js';
 import * as P from './vcpu/protocol.js';
 import { EventFd, watchFd, type FdWatch } from './fdwatch.js';
-import { spawnVcpuWorker, takePrespawned, vcpuWorkerUrl, workerFailure } from './vcpu/pool.js';
+import { spawnVcpuWorker, takePrespawned, terminateVcpuWorker, workerFailure } from './vcpu/pool.js';
 
 export const KERNEL_VERSION: string = (() => {
   try {
@@ -68,10 +68,6 @@ function installKickSignal(): void {
   if (sigusr2Installed) return;
   sigusr2Installed = true;
   process.on('SIGUSR2', () => {});
-}
-
-function workerUrl(): URL {
-  return vcpuWorkerUrl();
 }
 
 /**
@@ -199,13 +195,13 @@ export class Machine {
           this.log.error({ err: e2 }, 'an afterStop tap failed after a failed start');
         }
       }
-      for (const w of this.prewarmed) if (!this.runtimes.some((rt) => rt.worker === w)) await w.terminate();
+      for (const w of this.prewarmed) if (!this.runtimes.some((rt) => rt.worker === w)) await terminateVcpuWorker(w);
       this.prewarmed = [];
       for (const rt of this.runtimes) {
         Atomics.store(rt.ctrl, P.CMD, P.CMD_STOP);
         Atomics.notify(rt.ctrl, P.CMD);
         Atomics.notify(rt.ctrl, P.STATE);
-        await rt.worker.terminate();
+        await terminateVcpuWorker(rt.worker);
         rt.watch?.close();
         rt.wake?.close();
       }
@@ -312,7 +308,6 @@ export class Machine {
       });
     const pio = ranges(this.pio.list(), 'pio');
     const mmio = ranges(this.mmio.list(), 'mmio');
-    const url = workerUrl();
     this.prewarmed = this.prewarmed.slice(0, this._vcpus.length);
     const ready: Array<Promise<void>> = [];
     for (const vcpu of this._vcpus) {
@@ -323,7 +318,7 @@ export class Machine {
       const pre = this.prewarmed[vcpu.index];
       const early = pre ? workerFailure(pre) : undefined;
       if (early) throw new KvmkitError('KVMKIT_ERR_VCPU_WORKER', `vCPU ${vcpu.index} worker failed while starting: ${early.message}`, { cause: early });
-      const worker = pre ?? new Worker(url, { workerData: init, name: `vcpu${vcpu.index}` });
+      const worker = pre ?? spawnVcpuWorker(`vcpu${vcpu.index}`, init);
       if (pre) worker.postMessage(init);
       const rt: VcpuRuntime = {
         index: vcpu.index, vcpu, worker, ctrl: new Int32Array(ctrlSab), mb: new Int32Array(mbSab), mbBytes: new Uint8Array(mbSab),
@@ -652,7 +647,7 @@ export class Machine {
       this.log.error({ err: e }, 'vCPUs did not stop; terminating workers');
     }
     await Promise.race([Promise.all(this.runtimes.map((r) => r.exited)), new Promise((r) => setTimeout(r, 2000))]);
-    for (const rt of this.runtimes) if (!rt.done) await rt.worker.terminate();
+    for (const rt of this.runtimes) if (!rt.done) await terminateVcpuWorker(rt.worker);
     for (const rt of this.runtimes) {
       rt.watch?.close();
       rt.wake?.close();

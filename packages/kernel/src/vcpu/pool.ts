@@ -22,12 +22,40 @@ const failures = new WeakMap<Worker, Error>();
 /** Spawned, not yet adopted; in order (the first is handed to vCPU 0). */
 const pool: Worker[] = [];
 
+/** Resolves once a worker has loaded its modules (its 'loaded' message), errored or exited. */
+const loadedOf = new WeakMap<Worker, Promise<void>>();
+
 /** Spawns a vCPU worker that waits for its init message; early failures are remembered (workerFailure). */
-export function spawnVcpuWorker(name: string): Worker {
-  const w = new Worker(vcpuWorkerUrl(), { name });
+export function spawnVcpuWorker(name: string, workerData?: unknown): Worker {
+  const w = new Worker(vcpuWorkerUrl(), workerData === undefined ? { name } : { name, workerData });
   w.on('error', (e) => { if (!failures.has(w)) failures.set(w, e); });
   w.once('exit', (code) => { if (!failures.has(w)) failures.set(w, new Error(`exited with code ${code}`)); });
+  loadedOf.set(w, new Promise<void>((res) => {
+    const onMessage = (m: { type?: string } | undefined) => {
+      if (m?.type !== 'loaded') return;
+      w.off('message', onMessage);
+      res();
+    };
+    w.on('message', onMessage);
+    w.once('error', () => res());
+    w.once('exit', () => res());
+  }));
   return w;
+}
+
+/**
+ * Terminates a vCPU worker, first letting it finish loading its modules (at most `waitMs`): Worker.terminate()
+ * or process.exit() while koffi's native addon initialises in the worker aborts the process (FATAL ERROR
+ * napi_throw, seen with a CLI that failed right after pre-spawning its workers).
+ */
+export async function terminateVcpuWorker(w: Worker, waitMs = 5000): Promise<void> {
+  const loaded = loadedOf.get(w);
+  if (loaded) {
+    let t: NodeJS.Timeout | undefined;
+    await Promise.race([loaded, new Promise<void>((r) => { t = setTimeout(r, waitMs); })]);
+    clearTimeout(t);
+  }
+  await w.terminate();
 }
 
 /** Why a spawned worker is unusable (it threw or exited before adoption), or undefined. */
@@ -63,5 +91,5 @@ export function takePrespawned(): Worker | undefined {
 /** Terminates the workers no Machine adopted. */
 export async function discardPrespawned(): Promise<void> {
   const ws = pool.splice(0);
-  await Promise.all(ws.map((w) => w.terminate()));
+  await Promise.all(ws.map((w) => terminateVcpuWorker(w)));
 }

@@ -76,6 +76,8 @@ export interface WorkerInit {
 }
 
 export type WorkerMessage =
+  /** The worker's modules (koffi included) are loaded; it waits for its init. */
+  | { type: 'loaded' }
   | { type: 'ready'; tid: number; thread: bigint }
   | { type: 'error'; error: { code?: string; message: string; details?: Record<string, unknown> } }
   | { type: 'done' };

@@ -10,6 +10,10 @@ import { KVM_EXIT } from '../exits.js';
 import type { WorkerHandler, WorkerHandlerFactory } from '../bus.js';
 import * as P from './protocol.js';
 
+// Tell the spawner that module loading (koffi's native addon included) is over: terminating a worker while koffi
+// initialises aborts the whole process (napi_throw during teardown), so terminateVcpuWorker() waits for this.
+parentPort!.postMessage({ type: 'loaded' } satisfies P.WorkerMessage);
+
 // A worker is spawned early (while the machine is still being assembled) and gets its init by message, or is
 // spawned with it as workerData.
 const init: P.WorkerInit = (workerData as P.WorkerInit | null) ?? (await new Promise<P.WorkerInit>((res) => parentPort!.once('message', res)));
