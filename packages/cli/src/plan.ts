@@ -3,7 +3,7 @@ import { fileURLToPath } from 'node:url';
 import type { MachineConfig } from '@kvmkit/kernel';
 import {
   DEFAULT_CPUS, DEFAULT_MEMORY_MIB, loadConfig, mergePlugins, resolvePluginModule, resolveVm, toSpec,
-  type HostChoice, type RemovedPlugin, type ResolvedPluginSpec,
+  type HostChoice, type LoadedConfig, type RemovedPlugin, type ResolvedPluginSpec, type ResolvedVm,
 } from '@kvmkit/config';
 import { usageError, type ConfigArgs, type RunArgs } from './args.js';
 
@@ -100,6 +100,11 @@ export async function planRun(a: RunArgs, cwd = process.cwd()): Promise<Plan> {
     settings.cmdline = '--cmdline';
   }
   machineConfig.plugins = plugins.map((p) => ({ name: p.name, options: p.options }));
+  return configPlan(loaded, r, machineConfig, plugins, settings);
+}
+
+/** A config-mode plan from a loaded config and the VM it resolved to (with the run's overrides applied). */
+function configPlan(loaded: LoadedConfig, r: ResolvedVm, machineConfig: MachineConfig, plugins: Plan['plugins'], settings: Plan['settings']): Plan {
   return {
     mode: 'config',
     configFile: loaded.file,
@@ -117,17 +122,7 @@ export async function planRun(a: RunArgs, cwd = process.cwd()): Promise<Plan> {
 export async function planConfig(a: ConfigArgs, cwd = process.cwd()): Promise<Plan> {
   const loaded = await loadConfig({ cwd, ...(a.config !== undefined ? { file: a.config } : {}) });
   const r = resolveVm(loaded, { vm: a.vm, host: a.host, ...(a.hostname !== undefined ? { hostname: a.hostname } : {}) });
-  return {
-    mode: 'config',
-    configFile: loaded.file,
-    baseDir: loaded.dir,
-    vm: r.machineConfig.name,
-    host: r.sources.host,
-    machineConfig: r.machineConfig,
-    plugins: r.plugins,
-    removed: r.sources.removed,
-    settings: r.sources.settings,
-  };
+  return configPlan(loaded, r, r.machineConfig, r.plugins, r.sources.settings);
 }
 
 /** JSON shown by `config --print` and `run --dry-run`. Functions/buffers in options are described, not dumped. */
