@@ -13,6 +13,10 @@ if (!hasKvm) console.warn('[kvmkit cli] /dev/kvm not present: doctor/run tests o
 
 const root = realpathSync(mkdtempSync(path.join(os.tmpdir(), 'kvmkit-cli-')));
 afterAll(() => rmSync(root, { recursive: true, force: true }));
+// The `kvmkit run` children serve their control socket under $XDG_RUNTIME_DIR/kvmkit: a directory of this test
+// file's own, so that another test run on the same machine (VM names like `vm` repeat) cannot collide with it.
+process.env.XDG_RUNTIME_DIR = path.join(root, 'xdg-runtime');
+mkdirSync(process.env.XDG_RUNTIME_DIR, { recursive: true, mode: 0o700 });
 let n = 0;
 function project(files: Record<string, string | Uint8Array>): string {
   const d = path.join(root, `p${n++}`);
