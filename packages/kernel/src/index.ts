@@ -1,6 +1,6 @@
 export { ErrorCodes, KvmkitError, isKvmkitError, toKvmkitError, reviveError, errnoName } from './errors.js';
 export type { ErrorCode, KvmkitErrorOptions } from './errors.js';
-export { GuestMemory } from './memory.js';
+export { GuestMemory, type SharedMemoryDescriptor } from './memory.js';
 export type { MemoryRegion } from './memory.js';
 export { Bus, PioBus, MmioBus } from './bus.js';
 export type { BusDevice, BusEntry, WorkerHandlerSpec, WorkerHandler, WorkerHandlerFactory, WorkerHandlerContext } from './bus.js';

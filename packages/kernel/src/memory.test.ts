@@ -90,3 +90,40 @@ describe('GuestMemory host write tracking', () => {
     expect(m.takeHostDirty(3)).toBeUndefined();
   });
 });
+
+describe('GuestMemory shared with another thread (share / fromShared)', () => {
+  it('opens the same bytes, shares the dirty bitmaps and the closed flag', () => {
+    const m = GuestMemory.anonymous(0x10000, 0x100000n, true);
+    const w = GuestMemory.fromShared(structuredClone(m.share()));
+    w.writeU32(0x100010, 0xdeadbeef);
+    expect(m.readU32(0x100010)).toBe(0xdeadbeef);
+    expect(code(() => w.range(0x10fff0, 32))).toBe('KVMKIT_ERR_MEMORY_OUT_OF_BOUNDS');
+    // Tracking is switched on the owner; writes through the worker's copy land in the owner's log.
+    expect(w.takeHostDirty(-1)).toBeUndefined();
+    m.setHostTracking(-1, true);
+    w.writeU8(0x103000, 1); // page 3
+    w.markWritten(0x10e000, 0x2000); // pages 14, 15
+    m.writeU8(0x100000, 1); // page 0
+    expect(Array.from(m.takeHostDirty(-1)!.subarray(0, 2))).toEqual([0b1001, 0b11000000]);
+    m.setHostTracking(-1, false);
+    w.writeU8(0x103000, 2);
+    expect(m.takeHostDirty(-1)).toBeUndefined();
+    // Closing the owner closes the copy.
+    m.close();
+    expect(w.isClosed).toBe(true);
+    expect(code(() => w.readU8(0x100000))).toBe('KVMKIT_ERR_MEMORY_CLOSED');
+  });
+
+  it('refuses memory that cannot be shared and malformed descriptors', () => {
+    expect(code(() => GuestMemory.anonymous(0x1000).share())).toBe('KVMKIT_ERR_UNSUPPORTED');
+    const d = GuestMemory.anonymous(0x1000, 0n, true).share();
+    expect(code(() => GuestMemory.fromShared({ ...d, dirty: [] }))).toBe('KVMKIT_ERR_MEMORY_LAYOUT');
+    expect(code(() => GuestMemory.fromShared({ ...d, regions: [{ ...d.regions[0]!, buffer: undefined }] }))).toBe('KVMKIT_ERR_MEMORY_LAYOUT');
+    expect(code(() => GuestMemory.fromShared({ ...d, regions: [{ ...d.regions[0]!, size: 0x100000 }] }))).toBe('KVMKIT_ERR_MEMORY_LAYOUT');
+    expect(code(() => GuestMemory.fromShared(null as never))).toBe('KVMKIT_ERR_MEMORY_LAYOUT');
+  });
+
+  it('gives host addresses of mmap-backed memory only', () => {
+    expect(code(() => GuestMemory.anonymous(0x1000).hostAddress(0, 16))).toBe('KVMKIT_ERR_UNSUPPORTED');
+  });
+});

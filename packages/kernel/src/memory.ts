@@ -1,4 +1,5 @@
 import { KvmkitError } from './errors.js';
+import { viewOf } from './kvm/ffi.js';
 
 /** One contiguous range of guest RAM backed by host memory. */
 export interface MemoryRegion {
@@ -19,6 +20,18 @@ export interface MemoryRegion {
 const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER);
 
 /**
+ * What a worker thread needs to open the same guest RAM (`GuestMemory.fromShared`): structured-cloneable.
+ * `tracking` holds one Int32 per region (1 = host write tracking on) followed by one "closed" flag; `dirty` the
+ * per-region bitmaps of VMM-written pages (KVM's dirty-log layout), shared so that writes made in any thread
+ * reach the migration dirty log.
+ */
+export interface SharedMemoryDescriptor {
+  regions: Array<{ gpa: bigint; size: number; hva: bigint; slot: number; name: string; buffer?: SharedArrayBuffer; byteOffset?: number }>;
+  tracking: SharedArrayBuffer;
+  dirty: SharedArrayBuffer[];
+}
+
+/**
  * Guest physical memory. Every guest-supplied address goes through `range()`/`read*`/`write*`, which throw
  * KVMKIT_ERR_MEMORY_OUT_OF_BOUNDS instead of touching host memory outside guest RAM. A range must lie
  * inside one region (regions are not assumed contiguous).
@@ -31,10 +44,16 @@ export class GuestMemory {
   private readonly ends: number[];
   /** Region index found by the last `locate` (saves an object per access). */
   private at = 0;
-  /** Per region: a bitmap of pages the VMM wrote (KVM's dirty-log format) while host tracking is on. */
-  private hostDirty: Array<Uint8Array | undefined>;
+  /**
+   * Per region: a bitmap of pages the VMM wrote (KVM's dirty-log format, as Int32 words: page p is bit p&31 of
+   * word p>>5 on this little-endian host) while host tracking is on. SharedArrayBuffers, so that a worker's
+   * GuestMemory (`fromShared`) records into the same bitmaps; bits are set and taken with Atomics.
+   */
+  private readonly hostDirty: Int32Array[];
+  /** Per region: 1 while host write tracking is on; then one more Int32: 1 once the memory was closed. */
+  private readonly tracking: Int32Array;
 
-  constructor(regions: MemoryRegion[]) {
+  constructor(regions: MemoryRegion[], shared?: { tracking: SharedArrayBuffer; dirty: SharedArrayBuffer[] }) {
     const sorted = [...regions].sort((a, b) => (a.gpa < b.gpa ? -1 : a.gpa > b.gpa ? 1 : 0));
     for (let i = 0; i < sorted.length; i++) {
       const r = sorted[i]!;
@@ -53,7 +72,63 @@ export class GuestMemory {
     // Guest-physical addresses as Numbers (exact below 2^53) for the bounds checks on every access.
     this.starts = sorted.map((r) => Number(r.gpa));
     this.ends = sorted.map((r) => Number(r.gpa) + r.size);
-    this.hostDirty = sorted.map(() => undefined);
+    if (shared) {
+      this.tracking = new Int32Array(shared.tracking);
+      this.hostDirty = shared.dirty.map((b) => new Int32Array(b));
+    } else {
+      this.tracking = new Int32Array(new SharedArrayBuffer(4 * (sorted.length + 1)));
+      // Words of 64 pages (KVM's u64 layout), held as Int32 pairs.
+      this.hostDirty = sorted.map((r) => new Int32Array(new SharedArrayBuffer(Math.ceil(Math.ceil(r.size / 4096) / 64) * 8)));
+    }
+  }
+
+  /**
+   * A descriptor of this memory for `GuestMemory.fromShared` in a worker thread (device I/O threads). Regions
+   * must be mmap'd (hva) or backed by a SharedArrayBuffer (`GuestMemory.anonymous(size, gpa, true)`), else
+   * KVMKIT_ERR_UNSUPPORTED. The worker's copy must not be used after this memory is closed (the owner stops its
+   * workers first; `close()` also sets a shared flag that makes the worker's accesses throw KVMKIT_ERR_MEMORY_CLOSED).
+   */
+  share(): SharedMemoryDescriptor {
+    if (this.closed) throw new KvmkitError('KVMKIT_ERR_MEMORY_CLOSED', 'guest memory was released');
+    const regions = this.regions.map((r) => {
+      const d: SharedMemoryDescriptor['regions'][number] = { gpa: r.gpa, size: r.size, hva: r.hva, slot: r.slot, name: r.name };
+      if (r.hva === 0n) {
+        if (!(r.bytes.buffer instanceof SharedArrayBuffer)) {
+          throw new KvmkitError('KVMKIT_ERR_UNSUPPORTED', `region ${r.name} is neither mmap'd nor a SharedArrayBuffer: it cannot be shared with a worker`);
+        }
+        d.buffer = r.bytes.buffer;
+        d.byteOffset = r.bytes.byteOffset;
+      }
+      return d;
+    });
+    return { regions, tracking: this.tracking.buffer as SharedArrayBuffer, dirty: this.hostDirty.map((b) => b.buffer as SharedArrayBuffer) };
+  }
+
+  /**
+   * Opens guest RAM described by `share()` (in a worker thread): the same bounds-checked API, host write
+   * tracking into the shared bitmaps. Malformed descriptors throw KVMKIT_ERR_MEMORY_LAYOUT.
+   */
+  static fromShared(d: SharedMemoryDescriptor): GuestMemory {
+    const bad = (why: string) => new KvmkitError('KVMKIT_ERR_MEMORY_LAYOUT', `shared memory descriptor: ${why}`);
+    if (!d || !Array.isArray(d.regions) || !(d.tracking instanceof SharedArrayBuffer) || !Array.isArray(d.dirty)) throw bad('not a descriptor');
+    if (d.dirty.length !== d.regions.length || d.tracking.byteLength !== 4 * (d.regions.length + 1)) throw bad('region count mismatch');
+    const regions: MemoryRegion[] = d.regions.map((r, i) => {
+      if (typeof r.gpa !== 'bigint' || !Number.isSafeInteger(r.size) || r.size <= 0 || typeof r.hva !== 'bigint') throw bad(`region ${i} is malformed`);
+      if (!(d.dirty[i] instanceof SharedArrayBuffer) || d.dirty[i]!.byteLength < Math.ceil(Math.ceil(r.size / 4096) / 64) * 8) throw bad(`region ${i}: dirty bitmap too small`);
+      let bytes: Uint8Array;
+      if (r.hva !== 0n) bytes = new Uint8Array(viewOf(r.hva, r.size));
+      else if (r.buffer instanceof SharedArrayBuffer && (r.byteOffset ?? 0) + r.size <= r.buffer.byteLength) bytes = new Uint8Array(r.buffer, r.byteOffset ?? 0, r.size);
+      else throw bad(`region ${i} has neither an address nor a buffer`);
+      return { gpa: r.gpa, size: r.size, bytes, hva: r.hva, slot: r.slot, name: r.name };
+    });
+    return new GuestMemory(regions, { tracking: d.tracking, dirty: d.dirty });
+  }
+
+  /** Whether host write tracking is on for any region. */
+  private trackingAny(): boolean {
+    const t = this.tracking;
+    for (let i = 0; i < this.hostDirty.length; i++) if (t[i] !== 0) return true;
+    return false;
   }
 
   /**
@@ -64,26 +139,32 @@ export class GuestMemory {
   setHostTracking(slot: number, on: boolean): void {
     const i = this.regions.findIndex((r) => r.slot === slot);
     if (i < 0) return;
-    const pages = Math.ceil(this.regions[i]!.size / 4096);
-    this.hostDirty[i] = on ? (this.hostDirty[i] ?? new Uint8Array(Math.ceil(pages / 64) * 8)) : undefined;
+    if (on) {
+      Atomics.store(this.tracking, i, 1);
+    } else {
+      Atomics.store(this.tracking, i, 0);
+      this.hostDirty[i]!.fill(0);
+    }
   }
 
   /** Takes (returns and clears) the host-written page bitmap of slot `slot`; undefined when not tracking. */
   takeHostDirty(slot: number): Uint8Array | undefined {
     const i = this.regions.findIndex((r) => r.slot === slot);
-    const bm = i < 0 ? undefined : this.hostDirty[i];
-    if (!bm) return undefined;
-    const out = bm.slice();
-    bm.fill(0);
-    return out;
+    if (i < 0 || Atomics.load(this.tracking, i) === 0) return undefined;
+    const bm = this.hostDirty[i]!;
+    const out = new Int32Array(bm.length);
+    // Word by word with exchange: a bit another thread sets meanwhile lands either here or in the next take.
+    for (let w = 0; w < bm.length; w++) if (bm[w] !== 0) out[w] = Atomics.exchange(bm, w, 0);
+    return new Uint8Array(out.buffer);
   }
 
   /**
-   * Records that the VMM wrote [gpa, gpa+len) through a view it keeps (e.g. a virtqueue's cached used ring),
-   * for host write tracking. A no-op when tracking is off; never throws for ranges outside RAM.
+   * Records that the VMM wrote [gpa, gpa+len) through a view it keeps (e.g. a virtqueue's cached used ring) or
+   * outside JS (a syscall into guest RAM), for host write tracking. A no-op when tracking is off; never throws
+   * for ranges outside RAM.
    */
   markWritten(gpa: bigint | number, len: number): void {
-    if (!this.hostDirty.some((b) => b !== undefined)) return;
+    if (!this.trackingAny()) return;
     try {
       const off = this.locate(gpa, len);
       this.markDirty(this.at, off, len);
@@ -93,10 +174,13 @@ export class GuestMemory {
   }
 
   private markDirty(i: number, off: number, len: number): void {
-    const bm = this.hostDirty[i];
-    if (!bm || len === 0) return;
+    if (this.tracking[i] === 0 || len === 0) return;
+    const bm = this.hostDirty[i]!;
     const last = Math.floor((off + len - 1) / 4096);
-    for (let p = Math.floor(off / 4096); p <= last; p++) bm[p >> 3]! |= 1 << (p & 7);
+    for (let p = Math.floor(off / 4096); p <= last; p++) {
+      const bit = 1 << (p & 31);
+      if ((bm[p >> 5]! & bit) === 0) Atomics.or(bm, p >> 5, bit);
+    }
   }
 
   /** Convenience for tests and tools: one region of `size` bytes at GPA 0 over a fresh ArrayBuffer. */
@@ -120,15 +204,29 @@ export class GuestMemory {
   close(): void {
     this.closed = true;
     this.views = [];
+    Atomics.store(this.tracking, this.hostDirty.length, 1);
   }
 
+  /** True once this memory, or the memory it was shared from, was closed. */
   get isClosed(): boolean {
-    return this.closed;
+    return this.closed || this.tracking[this.hostDirty.length] !== 0;
+  }
+
+  /**
+   * The host virtual address of [gpa, gpa+len) (bounds-checked like `range()`), for passing guest buffers to a
+   * syscall (e.g. preadv). Throws KVMKIT_ERR_UNSUPPORTED for memory that is not mmap'd. Writes made there are
+   * not seen by host write tracking: call `markWritten` for them.
+   */
+  hostAddress(gpa: bigint | number, len: number): number {
+    const off = this.locate(gpa, len);
+    const r = this.regions[this.at]!;
+    if (r.hva === 0n) throw new KvmkitError('KVMKIT_ERR_UNSUPPORTED', `region ${r.name} is not mmap'd: no host address`);
+    return Number(r.hva) + off;
   }
 
   /** Offset of [gpa, gpa+len) in its region, whose index is left in `this.at`; throws when it is not inside one. */
   private locate(gpa: bigint | number, len: number): number {
-    if (this.closed) throw new KvmkitError('KVMKIT_ERR_MEMORY_CLOSED', 'guest memory was released');
+    if (this.closed || this.tracking[this.hostDirty.length] !== 0) throw new KvmkitError('KVMKIT_ERR_MEMORY_CLOSED', 'guest memory was released');
     let g: number;
     if (typeof gpa === 'number') {
       if (!Number.isSafeInteger(gpa) || gpa < 0) throw oob(gpa, len);

@@ -22,6 +22,9 @@ const c_eventfd = libc.func('int eventfd(unsigned int initval, int flags)');
 // SAFETY: buf is a Buffer of at least `len` bytes, used during the call only.
 const c_read = libc.func('long read(int fd, void *buf, size_t len)');
 const c_write = libc.func('long write(int fd, const void *buf, size_t len)');
+const c_poll = libc.func('int poll(void *fds, unsigned long nfds, int timeout)');
+const c_preadv = libc.func('long preadv(int fd, void *iov, int iovcnt, long offset)');
+const c_pwritev = libc.func('long pwritev(int fd, void *iov, int iovcnt, long offset)');
 const c_pthread_self = libc.func('unsigned long pthread_self()');
 const c_pthread_kill = libc.func('int pthread_kill(unsigned long thread, int sig)');
 const c_syscall0 = libc.func('long syscall(long nr)');
@@ -130,6 +133,49 @@ export function readFd(fd: number, buf: Buffer | Uint8Array, len = buf.byteLengt
 
 export function writeFd(fd: number, buf: Buffer | Uint8Array, len = buf.byteLength): number {
   const r = Number(c_write(fd, buf, len));
+  return r < 0 ? -errno() : r;
+}
+
+const POLLIN = 1;
+const POLL_READY = POLLIN | 0x8 /* POLLERR */ | 0x10 /* POLLHUP */ | 0x20; /* POLLNVAL */
+let pollBuf = Buffer.alloc(8 * 8);
+
+/**
+ * poll(2) for readability of up to 31 fds; blocks up to `timeoutMs` (-1: forever). Returns a bitmask of the
+ * indexes in `fds` that are readable (or in error/hang-up), 0 on timeout, or -errno (e.g. -4 EINTR). Blocking:
+ * for worker threads (device I/O threads), never the main thread.
+ */
+export function pollIn(fds: readonly number[], timeoutMs: number): number {
+  if (fds.length > 31) throw new RangeError('pollIn: at most 31 fds');
+  if (pollBuf.length < 8 * fds.length) pollBuf = Buffer.alloc(8 * fds.length);
+  const b = pollBuf;
+  for (let i = 0; i < fds.length; i++) {
+    b.writeInt32LE(fds[i]!, 8 * i);
+    b.writeInt16LE(POLLIN, 8 * i + 4);
+    b.writeInt16LE(0, 8 * i + 6);
+  }
+  const r = c_poll(b, fds.length, timeoutMs) as number;
+  if (r < 0) return -errno();
+  let mask = 0;
+  if (r > 0) for (let i = 0; i < fds.length; i++) if (b.readInt16LE(8 * i + 6) & POLL_READY) mask |= 1 << i;
+  return mask;
+}
+
+/**
+ * preadv(2)/pwritev(2) with a caller-built iovec array (`iov`: `count` pairs of u64 host address, u64 length, e.g.
+ * from GuestMemory.hostAddress). Returns bytes transferred or -errno. SAFETY: every address/length must lie in
+ * memory that stays mapped during the call (bounds-checked guest RAM); writes into guest RAM made this way must
+ * be reported with GuestMemory.markWritten for dirty tracking.
+ */
+export function preadvRaw(fd: number, iov: BigUint64Array, count: number, offset: number): number {
+  if (count < 0 || 2 * count > iov.length) throw new RangeError('preadvRaw: count exceeds the iovec array');
+  const r = Number(c_preadv(fd, iov, count, offset));
+  return r < 0 ? -errno() : r;
+}
+
+export function pwritevRaw(fd: number, iov: BigUint64Array, count: number, offset: number): number {
+  if (count < 0 || 2 * count > iov.length) throw new RangeError('pwritevRaw: count exceeds the iovec array');
+  const r = Number(c_pwritev(fd, iov, count, offset));
   return r < 0 ? -errno() : r;
 }
 

@@ -1,0 +1,66 @@
+import { describe, it, expect } from 'vitest';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import * as ffi from './ffi.js';
+import { GuestMemory } from '../memory.js';
+
+describe('ffi.pollIn', () => {
+  it('reports readable eventfds by index, times out with 0', () => {
+    const a = ffi.eventfd();
+    const b = ffi.eventfd();
+    try {
+      expect(ffi.pollIn([a, b], 0)).toBe(0);
+      const one = Buffer.alloc(8);
+      one.writeBigUInt64LE(1n);
+      ffi.writeFd(b, one);
+      expect(ffi.pollIn([a, b], 1000)).toBe(0b10);
+      ffi.writeFd(a, one);
+      expect(ffi.pollIn([a, b], -1)).toBe(0b11);
+      const t = performance.now();
+      ffi.readFd(a, Buffer.alloc(8));
+      ffi.readFd(b, Buffer.alloc(8));
+      expect(ffi.pollIn([a, b], 30)).toBe(0);
+      expect(performance.now() - t).toBeGreaterThanOrEqual(25);
+    } finally {
+      ffi.closeFd(a);
+      ffi.closeFd(b);
+    }
+  });
+});
+
+describe('ffi.preadvRaw / pwritevRaw on host addresses of guest RAM', () => {
+  it('moves bytes between a file and mmap-backed guest memory', () => {
+    const size = 0x10000;
+    const hva = ffi.mmap(size, ffi.PROT_READ | ffi.PROT_WRITE, ffi.MAP_PRIVATE | ffi.MAP_ANONYMOUS);
+    const mem = new GuestMemory([{ gpa: 0n, size, bytes: new Uint8Array(ffi.viewOf(hva, size)), hva, slot: 0, name: 'ram' }]);
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'kvmkit-ffi-'));
+    const file = path.join(dir, 'img');
+    const data = Buffer.alloc(8192);
+    for (let i = 0; i < data.length; i++) data[i] = (i * 7) & 0xff;
+    fs.writeFileSync(file, data);
+    const fd = fs.openSync(file, 'r+');
+    try {
+      const iov = new BigUint64Array(4);
+      iov[0] = BigInt(mem.hostAddress(0x1000, 100));
+      iov[1] = 100n;
+      iov[2] = BigInt(mem.hostAddress(0x3000, 4000));
+      iov[3] = 4000n;
+      expect(ffi.preadvRaw(fd, iov, 2, 10)).toBe(4100);
+      expect(Buffer.from(mem.view(0x1000, 100))).toEqual(data.subarray(10, 110));
+      expect(Buffer.from(mem.view(0x3000, 4000))).toEqual(data.subarray(110, 4110));
+      mem.fill(0x5000, 512, 0xab);
+      iov[0] = BigInt(mem.hostAddress(0x5000, 512));
+      iov[1] = 512n;
+      expect(ffi.pwritevRaw(fd, iov, 1, 8192)).toBe(512);
+      expect(fs.readFileSync(file).subarray(8192)).toEqual(Buffer.alloc(512, 0xab));
+      expect(ffi.preadvRaw(-1, iov, 1, 0)).toBe(-9); // EBADF
+      expect(() => ffi.preadvRaw(fd, iov, 3, 0)).toThrow(RangeError);
+    } finally {
+      fs.closeSync(fd);
+      fs.rmSync(dir, { recursive: true, force: true });
+      mem.close();
+      ffi.munmap(hva, size);
+    }
+  });
+});
