@@ -250,7 +250,7 @@ export class Machine {
         backing = { hva: addr, size: r.size, kind: 'anonymous', release: () => ffi.munmap(addr, r.size) };
       }
       this.backings.push(backing);
-      regions.push({ gpa: r.gpa, size: r.size, bytes: new Uint8Array(ffi.viewOf(backing.hva, r.size)), hva: backing.hva, slot, name: r.name });
+      regions.push({ gpa: r.gpa, size: r.size, bytes: new Uint8Array(ffi.viewOf(backing.hva, r.size)), hva: backing.hva, slot, name: r.name, anonymousPrivate: !provided });
       log.debug({ range: r.name, size: r.size, backing: backing.kind }, 'guest RAM mapped');
     }
     const memory = (this._memory = new GuestMemory(regions));

@@ -1,5 +1,5 @@
 import { KvmkitError } from './errors.js';
-import { viewOf } from './kvm/ffi.js';
+import { MADV_DONTNEED, madvise, viewOf } from './kvm/ffi.js';
 
 /** One contiguous range of guest RAM backed by host memory. */
 export interface MemoryRegion {
@@ -15,6 +15,11 @@ export interface MemoryRegion {
   slot: number;
   /** Free-form tag (e.g. 'ram', 'ram-high'). */
   name: string;
+  /**
+   * True when `hva` is private anonymous memory (the kernel's default mapping): `fill(…, 0)` then gives whole
+   * pages back with madvise(MADV_DONTNEED) (they read as zero) instead of writing, and touches no page.
+   */
+  anonymousPrivate?: boolean;
 }
 
 const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER);
@@ -26,7 +31,7 @@ const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER);
  * reach the migration dirty log.
  */
 export interface SharedMemoryDescriptor {
-  regions: Array<{ gpa: bigint; size: number; hva: bigint; slot: number; name: string; buffer?: SharedArrayBuffer; byteOffset?: number }>;
+  regions: Array<{ gpa: bigint; size: number; hva: bigint; slot: number; name: string; anonymousPrivate?: boolean; buffer?: SharedArrayBuffer; byteOffset?: number }>;
   tracking: SharedArrayBuffer;
   dirty: SharedArrayBuffer[];
 }
@@ -91,7 +96,7 @@ export class GuestMemory {
   share(): SharedMemoryDescriptor {
     if (this.closed) throw new KvmkitError('KVMKIT_ERR_MEMORY_CLOSED', 'guest memory was released');
     const regions = this.regions.map((r) => {
-      const d: SharedMemoryDescriptor['regions'][number] = { gpa: r.gpa, size: r.size, hva: r.hva, slot: r.slot, name: r.name };
+      const d: SharedMemoryDescriptor['regions'][number] = { gpa: r.gpa, size: r.size, hva: r.hva, slot: r.slot, name: r.name, anonymousPrivate: r.anonymousPrivate === true };
       if (r.hva === 0n) {
         if (!(r.bytes.buffer instanceof SharedArrayBuffer)) {
           throw new KvmkitError('KVMKIT_ERR_UNSUPPORTED', `region ${r.name} is neither mmap'd nor a SharedArrayBuffer: it cannot be shared with a worker`);
@@ -119,7 +124,7 @@ export class GuestMemory {
       if (r.hva !== 0n) bytes = new Uint8Array(viewOf(r.hva, r.size));
       else if (r.buffer instanceof SharedArrayBuffer && (r.byteOffset ?? 0) + r.size <= r.buffer.byteLength) bytes = new Uint8Array(r.buffer, r.byteOffset ?? 0, r.size);
       else throw bad(`region ${i} has neither an address nor a buffer`);
-      return { gpa: r.gpa, size: r.size, bytes, hva: r.hva, slot: r.slot, name: r.name };
+      return { gpa: r.gpa, size: r.size, bytes, hva: r.hva, slot: r.slot, name: r.name, anonymousPrivate: r.hva !== 0n && r.anonymousPrivate === true };
     });
     return new GuestMemory(regions, { tracking: d.tracking, dirty: d.dirty });
   }
@@ -285,7 +290,23 @@ export class GuestMemory {
   }
 
   fill(gpa: bigint | number, len: number, value = 0): void {
-    this.range(gpa, len).fill(value);
+    const bytes = this.range(gpa, len);
+    const r = this.regions[this.at]!;
+    if (value !== 0 || !r.anonymousPrivate || len < 0x10000) {
+      bytes.fill(value);
+      return;
+    }
+    // Zeroing most of a private anonymous range: drop its whole pages (they read back as zeros, and a fresh
+    // mapping's untouched pages are not faulted in just to be zeroed), write only the partial pages at the edges.
+    const off = bytes.byteOffset - r.bytes.byteOffset;
+    const a = Math.ceil(off / 4096) * 4096;
+    const b = Math.floor((off + len) / 4096) * 4096;
+    if (b <= a || madvise(r.hva + BigInt(a), b - a, MADV_DONTNEED) !== 0) {
+      bytes.fill(0);
+      return;
+    }
+    bytes.subarray(0, a - off).fill(0);
+    bytes.subarray(b - off).fill(0);
   }
 
   readU8(gpa: bigint | number): number {

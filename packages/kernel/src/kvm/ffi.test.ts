@@ -64,3 +64,32 @@ describe('ffi.preadvRaw / pwritevRaw on host addresses of guest RAM', () => {
     }
   });
 });
+
+describe('GuestMemory.fill(0) on private anonymous memory', () => {
+  it('drops whole pages and writes the partial edges; other values and small ranges are written', () => {
+    const size = 0x40000;
+    const hva = ffi.mmap(size, ffi.PROT_READ | ffi.PROT_WRITE, ffi.MAP_PRIVATE | ffi.MAP_ANONYMOUS);
+    const mem = new GuestMemory([{ gpa: 0x100000n, size, bytes: new Uint8Array(ffi.viewOf(hva, size)), hva, slot: 0, name: 'ram', anonymousPrivate: true }]);
+    try {
+      mem.fill(0x100000, size, 0x5a);
+      expect(mem.readU8(0x13ffff)).toBe(0x5a);
+      mem.setHostTracking(0, true);
+      mem.fill(0x100123, 0x30000, 0); // unaligned both ends
+      const all = mem.view(0x100000, size);
+      expect(all[0x122]).toBe(0x5a);
+      expect(all.subarray(0x123, 0x30123).every((b) => b === 0)).toBe(true);
+      expect(all[0x30123]).toBe(0x5a);
+      // Every page touched counts as written for dirty tracking.
+      const bm = mem.takeHostDirty(0)!;
+      expect(bm[0]).toBe(0xff);
+      expect(bm[5]).toBe(0xff);
+      expect(bm[6]).toBe(0x01); // page 0x30 holds the last zeroed bytes
+      expect(bm[7]).toBe(0);
+      mem.fill(0x101000, 0x100, 0); // small: plain write
+      expect(mem.view(0x101000, 0x100).every((b) => b === 0)).toBe(true);
+    } finally {
+      mem.close();
+      ffi.munmap(hva, size);
+    }
+  });
+});
