@@ -55,6 +55,20 @@ describe('ffi.preadvRaw / pwritevRaw on host addresses of guest RAM', () => {
       expect(ffi.pwritevRaw(fd, iov, 1, 8192)).toBe(512);
       expect(fs.readFileSync(file).subarray(8192)).toEqual(Buffer.alloc(512, 0xab));
       expect(ffi.preadvRaw(-1, iov, 1, 0)).toBe(-9); // EBADF
+      // writev/readv through an fd without a position (an eventfd takes exactly 8 bytes).
+      const efd = ffi.eventfd();
+      try {
+        mem.writeU64(0x6000, 5n);
+        iov[0] = BigInt(mem.hostAddress(0x6000, 8));
+        iov[1] = 8n;
+        expect(ffi.writevRaw(efd, iov, 1)).toBe(8);
+        iov[0] = BigInt(mem.hostAddress(0x7000, 8));
+        expect(ffi.readvRaw(efd, iov, 1)).toBe(8);
+        expect(mem.readU64(0x7000)).toBe(5n);
+        expect(ffi.readvRaw(efd, iov, 1)).toBe(-11); // EAGAIN: nonblocking and empty
+      } finally {
+        ffi.closeFd(efd);
+      }
       expect(() => ffi.preadvRaw(fd, iov, 3, 0)).toThrow(RangeError);
     } finally {
       fs.closeSync(fd);

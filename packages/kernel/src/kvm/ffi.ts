@@ -25,6 +25,8 @@ const c_write = libc.func('long write(int fd, const void *buf, size_t len)');
 const c_poll = libc.func('int poll(void *fds, unsigned long nfds, int timeout)');
 const c_preadv = libc.func('long preadv(int fd, void *iov, int iovcnt, long offset)');
 const c_pwritev = libc.func('long pwritev(int fd, void *iov, int iovcnt, long offset)');
+const c_readv = libc.func('long readv(int fd, void *iov, int iovcnt)');
+const c_writev = libc.func('long writev(int fd, void *iov, int iovcnt)');
 const c_pthread_self = libc.func('unsigned long pthread_self()');
 const c_pthread_kill = libc.func('int pthread_kill(unsigned long thread, int sig)');
 const c_syscall0 = libc.func('long syscall(long nr)');
@@ -176,6 +178,19 @@ export function preadvRaw(fd: number, iov: BigUint64Array, count: number, offset
 export function pwritevRaw(fd: number, iov: BigUint64Array, count: number, offset: number): number {
   if (count < 0 || 2 * count > iov.length) throw new RangeError('pwritevRaw: count exceeds the iovec array');
   const r = Number(c_pwritev(fd, iov, count, offset));
+  return r < 0 ? -errno() : r;
+}
+
+/** readv(2)/writev(2) (fds without a position: TAP, sockets, pipes) with a caller-built iovec array; see preadvRaw. */
+export function readvRaw(fd: number, iov: BigUint64Array, count: number): number {
+  if (count < 0 || 2 * count > iov.length) throw new RangeError('readvRaw: count exceeds the iovec array');
+  const r = Number(c_readv(fd, iov, count));
+  return r < 0 ? -errno() : r;
+}
+
+export function writevRaw(fd: number, iov: BigUint64Array, count: number): number {
+  if (count < 0 || 2 * count > iov.length) throw new RangeError('writevRaw: count exceeds the iovec array');
+  const r = Number(c_writev(fd, iov, count));
   return r < 0 ? -errno() : r;
 }
 
