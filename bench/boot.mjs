@@ -182,7 +182,8 @@ if (!values['skip-start']) {
     ...(baselineCli !== undefined ? { 'kvmkit (baseline)': [process.execPath, [baselineCli, ...kvmkitProbeArgs(cmd).slice(1)]] } : {}),
     qemu: [qemu, qemuArgs(cmd)],
     cfloor: [cfloor, cfloorArgs(cmd)],
-    'node (empty script)': [process.execPath, ['-e', '0']],
+    // Node's own floor: the first byte a one-line script writes (what any Node-based VMM pays before its first line).
+    'node (one-line script)': [process.execPath, ['-e', 'process.stdout.write("x")']],
   };
   // The baseline runs from its own checkout's root (bin.js is <root>/packages/cli/dist/bin.js).
   const cwdOf = (name) => (name === 'kvmkit (baseline)' ? join(dirname(baselineCli), '../../..') : root);
@@ -195,6 +196,7 @@ if (!values['skip-start']) {
       const res = await timed(c, a, { timeoutMs: 30_000, cwd: cwdOf(name) });
       const s = samples[name];
       if (name.startsWith('node')) {
+        s.first.push(res.tFirst);
         s.exit.push(res.tExit);
         continue;
       }
