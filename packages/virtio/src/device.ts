@@ -1,6 +1,7 @@
 import type { GuestMemory, Logger } from '@kvmkit/kernel';
 import { VIRTIO_F, bit } from './constants.js';
 import type { Virtqueue } from './queue.js';
+import type { IoThreadSpec } from './iothread.js';
 
 /** What a device sees of its transport. */
 export interface VirtioDeviceContext {
@@ -87,6 +88,16 @@ export abstract class VirtioDevice {
    * VirtqueueError (guest-caused) or any other error puts the device in DEVICE_NEEDS_RESET.
    */
   abstract processQueue(q: number): void | Promise<void>;
+
+  /**
+   * Serve this device's queues in a dedicated I/O thread (see iothread.ts): return the worker-side module and its
+   * data, or undefined (the default) to have `processQueue` called on the main thread. Asked once, when the
+   * transport is wired to KVM (ioeventfds); the main-thread `processQueue` is still used if the thread cannot start
+   * or dies.
+   */
+  ioThread(): IoThreadSpec | undefined {
+    return undefined;
+  }
 
   /** Device-specific reset (status written 0). Queues are reset by the transport. */
   reset(): void {}

@@ -9,3 +9,5 @@ export { registerVirtioMmio, useVirtioMmio, VIRTIO_MMIO_SIZE } from './register.
 export type { VirtioRegistry, VirtioMmioRegistration } from './register.js';
 export { VirtioTestDriver } from './driver.js';
 export type { RegisterPort, DriverQueue, DriverBuffer } from './driver.js';
+export { IoThread } from './iothread.js';
+export type { IoThreadSpec, IoThreadDevice, IoThreadDeviceFactory, IoThreadOptions } from './iothread.js';

@@ -2,6 +2,7 @@ import { EventFd, KvmkitError, isKvmkitError, silentLogger, watchFd, type BusDev
 import { KVMKIT_VENDOR_ID, MMIO, VIRTIO_F, VIRTIO_MMIO_INT, VIRTIO_MMIO_MAGIC, VIRTIO_MMIO_VERSION, VIRTIO_STATUS, bit } from './constants.js';
 import type { VirtioDevice, VirtioDeviceContext } from './device.js';
 import { Virtqueue, type VirtqueueState } from './queue.js';
+import { IoThread } from './iothread.js';
 
 const S = VIRTIO_STATUS;
 
@@ -65,7 +66,9 @@ export class VirtioMmioTransport implements BusDevice {
   private readonly isr = new Int32Array(this.isrShared);
   private raiseIrq: (() => void) | undefined;
   private irqEventFd: EventFd | undefined;
-  private kvm: { vm: VirtioVm; base: bigint; notifyFds: EventFd[]; watches: FdWatch[]; irqGsi: number | undefined } | undefined;
+  private kvm: { vm: VirtioVm; base: bigint; notifyFds: EventFd[]; registered: boolean[]; watches: FdWatch[]; irqGsi: number | undefined } | undefined;
+  /** The device's I/O thread (VirtioDevice.ioThread()), when it has one and it is alive. */
+  private io: IoThread | undefined;
   private paused = false;
   private pendingKicks = new Set<number>();
   private readonly inflight = new Set<Promise<void>>();
@@ -106,7 +109,12 @@ export class VirtioMmioTransport implements BusDevice {
 
   /** How notifications and interrupts are wired: ioeventfds registered, irqfd in use. */
   get wiring(): { ioeventfds: number; irqfd: boolean } {
-    return { ioeventfds: this.kvm?.notifyFds.length ?? 0, irqfd: this.irqEventFd !== undefined };
+    return { ioeventfds: this.kvm?.registered.filter(Boolean).length ?? 0, irqfd: this.irqEventFd !== undefined };
+  }
+
+  /** The device's I/O thread (undefined when its queues are served on the main thread). */
+  get ioThread(): IoThread | undefined {
+    return this.io?.alive ? this.io : undefined;
   }
 
   /** InterruptStatus (bit 0 used buffer, bit 1 configuration change). */
@@ -137,34 +145,27 @@ export class VirtioMmioTransport implements BusDevice {
   // ---- KVM wiring ----
 
   /**
-   * Registers one ioeventfd per queue on base+QueueNotify (datamatch = queue index), watched on the main
-   * thread with fdwatch, and an irqfd on `gsi` when the VM has an in-kernel irqchip (else `fallbackIrq`).
-   * A failing ioeventfd leaves that queue on the ordinary MMIO-exit path (logged).
+   * Registers one ioeventfd per queue on base+QueueNotify (datamatch = queue index) and an irqfd on `gsi` when
+   * the VM has an in-kernel irqchip (else `fallbackIrq`). The ioeventfds are watched on the main thread with
+   * fdwatch, or, when the device asks for one (`VirtioDevice.ioThread()`), handed to its I/O thread, which then
+   * serves the queues while the device is live (the main thread no longer reads them). A failing ioeventfd leaves
+   * that queue on the ordinary MMIO-exit path (logged).
    */
   attachKvm(vm: VirtioVm, base: bigint, gsi: number, fallbackIrq?: () => void): void {
     const notifyFds: EventFd[] = [];
+    const registered: boolean[] = [];
     const watches: FdWatch[] = [];
-    this.kvm = { vm, base, notifyFds, watches, irqGsi: undefined };
+    this.kvm = { vm, base, notifyFds, registered, watches, irqGsi: undefined };
     for (let q = 0; q < this.queues.length; q++) {
       const efd = new EventFd();
+      notifyFds.push(efd);
       try {
         vm.ioeventfd({ fd: efd.fd, addr: base + BigInt(MMIO.QUEUE_NOTIFY), len: 4, datamatch: q });
+        registered.push(true);
       } catch (e) {
-        efd.close();
+        registered.push(false);
         this.log.warn({ err: e, queue: q }, 'ioeventfd failed: queue notifications take MMIO exits');
-        continue;
       }
-      notifyFds.push(efd);
-      watches.push(
-        watchFd(
-          efd.fd,
-          () => {
-            efd.drain();
-            this.notify(q);
-          },
-          { ref: false, onError: (e) => this.needsReset('notify handler failed', e) },
-        ),
-      );
     }
     if (vm.hasIrqchip) {
       const efd = new EventFd();
@@ -178,6 +179,73 @@ export class VirtioMmioTransport implements BusDevice {
       }
     }
     if (!this.irqEventFd && fallbackIrq) this.raiseIrq = fallbackIrq;
+    let spec;
+    try {
+      spec = this.device.ioThread();
+    } catch (e) {
+      this.log.warn({ err: e, device: this.device.name }, 'ioThread() failed: queues are served on the main thread');
+    }
+    if (spec) {
+      try {
+        this.io = new IoThread({
+          spec,
+          name: this.device.name,
+          memory: this.memory,
+          queueSizes: this.device.queueSizes,
+          notifyFds: notifyFds.map((e) => e.fd),
+          irqFd: this.irqEventFd?.fd ?? -1,
+          isr: this.isrShared,
+          log: this.log,
+          onNeedsReset: (reason, err) => this.needsReset(reason, err),
+          onIrq: () => this.raiseIrq?.(),
+          onConfigChanged: () => this.configChanged(),
+          onDead: (err) => this.ioThreadDied(err),
+        });
+      } catch (e) {
+        this.log.warn({ err: e, device: this.device.name }, 'the I/O thread cannot start: queues are served on the main thread');
+        this.io = undefined;
+      }
+    }
+    if (!this.io) this.watchNotifyFds();
+  }
+
+  /** Main-thread fdwatch on every queue's notification eventfd. */
+  private watchNotifyFds(): void {
+    const k = this.kvm;
+    if (!k || k.watches.length > 0 || this.closed) return;
+    k.notifyFds.forEach((efd, q) => {
+      k.watches.push(
+        watchFd(
+          efd.fd,
+          () => {
+            efd.drain();
+            this.notify(q);
+          },
+          { ref: false, onError: (e) => this.needsReset('notify handler failed', e) },
+        ),
+      );
+    });
+  }
+
+  /** The I/O thread crashed or hung: the device needs a reset, then its queues are served on the main thread. */
+  private ioThreadDied(err: unknown): void {
+    if (this.closed) return;
+    this.needsReset('the I/O thread died', err);
+    this.watchNotifyFds();
+  }
+
+  /** Takes the rings back from the I/O thread (blocking) before the main thread changes queue or device state. */
+  private reclaimSync(): void {
+    if (this.io?.running) this.io.stopSync(this.queues);
+  }
+
+  /** Hands the rings to the I/O thread while the device is live, takes them back otherwise. */
+  private syncIoThread(): void {
+    const io = this.io;
+    if (!io?.alive) return;
+    if (this.live && !this.paused) {
+      if (!io.running) io.start(this.queues, this.driverFeatures, this.ringOpts());
+    } else if (io.running) io.stopSync(this.queues);
   }
 
   /** Releases ioeventfds, irqfd, watches and the device's host resources. Idempotent. */
@@ -186,15 +254,21 @@ export class VirtioMmioTransport implements BusDevice {
     this.closed = true;
     this.paused = true;
     await this.quiesce().catch(() => {});
+    if (this.io) {
+      await this.io.stop(this.queues).catch(() => {});
+      await this.io.close().catch((e) => this.log.warn({ err: e }, 'closing the I/O thread failed'));
+    }
     const k = this.kvm;
     if (k) {
       for (const w of k.watches) w.close();
       for (let i = 0; i < k.notifyFds.length; i++) {
         const efd = k.notifyFds[i]!;
-        try {
-          k.vm.ioeventfd({ fd: efd.fd, addr: k.base + BigInt(MMIO.QUEUE_NOTIFY), len: 4, datamatch: i, deassign: true });
-        } catch {
-          /* VM already closed */
+        if (k.registered[i]) {
+          try {
+            k.vm.ioeventfd({ fd: efd.fd, addr: k.base + BigInt(MMIO.QUEUE_NOTIFY), len: 4, datamatch: i, deassign: true });
+          } catch {
+            /* VM already closed */
+          }
         }
         efd.close();
       }
@@ -238,6 +312,7 @@ export class VirtioMmioTransport implements BusDevice {
 
   needsReset(reason: string, err?: unknown): void {
     if (this.status & S.DEVICE_NEEDS_RESET) return;
+    this.reclaimSync();
     this.needsResetCount++;
     this.lastError = err ?? reason;
     this.log.warn({ device: this.device.name, reason, err: err instanceof Error ? err.message : err }, 'virtio device needs reset');
@@ -259,6 +334,11 @@ export class VirtioMmioTransport implements BusDevice {
       return;
     }
     if (!this.live || !this.queues[q]!.ready) return;
+    if (this.io?.alive) {
+      // Served by the I/O thread (which owns the rings while the device is live).
+      this.io.kick(q);
+      return;
+    }
     try {
       const r = this.device.processQueue(q);
       if (r && typeof (r as Promise<void>).then === 'function') {
@@ -294,6 +374,8 @@ export class VirtioMmioTransport implements BusDevice {
   /** Stops taking notifications (they are remembered) and waits for in-flight work. */
   async pause(): Promise<void> {
     this.paused = true;
+    // The I/O thread finishes the request in progress and hands back its exact queue indexes.
+    if (this.io?.running) await this.io.stop(this.queues);
     await this.quiesce();
   }
 
@@ -301,6 +383,7 @@ export class VirtioMmioTransport implements BusDevice {
     if (this.closed) return;
     this.paused = false;
     this.pendingKicks.clear();
+    this.syncIoThread();
     // Every ready queue once: remembered notifications, and devices fed by host events restart their sources.
     this.kickAll();
   }
@@ -308,6 +391,7 @@ export class VirtioMmioTransport implements BusDevice {
   // ---- reset / status ----
 
   private resetDevice(): void {
+    this.reclaimSync();
     this.status = 0;
     this.driverFeatures = 0n;
     this.deviceFeaturesSel = this.driverFeaturesSel = this.queueSel = 0;
@@ -470,15 +554,20 @@ export class VirtioMmioTransport implements BusDevice {
       case MMIO.QUEUE_READY:
         if (!q) return;
         if (v === 0) {
+          if (!q.ready) return;
+          this.reclaimSync();
           q.disable();
+          this.syncIoThread();
           return;
         }
         if (q.ready || !(this.status & S.FEATURES_OK)) return;
+        this.reclaimSync();
         try {
           q.enable(this.memory, this.ringOpts());
         } catch (e) {
           this.needsReset(`queue ${q.index} setup rejected`, e);
         }
+        this.syncIoThread();
         return;
       case MMIO.QUEUE_NOTIFY:
         this.notify(v);
@@ -487,7 +576,9 @@ export class VirtioMmioTransport implements BusDevice {
         Atomics.and(this.isr, 0, ~v);
         return;
       case MMIO.STATUS:
+        this.reclaimSync();
         this.writeStatus(v);
+        this.syncIoThread();
         return;
       case MMIO.QUEUE_DESC_LOW:
         if (queueWritable) q.desc = (q.desc & ~0xffff_ffffn) | BigInt(v);
@@ -516,6 +607,15 @@ export class VirtioMmioTransport implements BusDevice {
 
   /** Full transport + queue + device state. Call after `pause()` so nothing is in flight. */
   saveState(): VirtioMmioState {
+    // Exact indexes: normally the transport is paused (I/O thread stopped); otherwise take the rings back briefly.
+    const wasRunning = this.io?.running ?? false;
+    if (wasRunning) this.reclaimSync();
+    const s = this.saveStateInner();
+    if (wasRunning) this.syncIoThread();
+    return s;
+  }
+
+  private saveStateInner(): VirtioMmioState {
     return {
       status: this.status,
       deviceFeaturesSel: this.deviceFeaturesSel,
