@@ -16,6 +16,8 @@ export interface VirtioDeviceContext {
    * transport kicks every queue again on resume.
    */
   readonly active: boolean;
+  /** True while the device's I/O thread owns the rings (main-thread code must then leave them alone). */
+  readonly ioThreadActive?: boolean;
   queue(index: number): Virtqueue;
   /** Raise a used-buffer interrupt for queue `q` if the driver wants one (EVENT_IDX / NO_INTERRUPT aware). */
   signalUsed(q: number): void;

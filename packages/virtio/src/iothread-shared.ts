@@ -29,6 +29,8 @@ export const CTL = {
   POLL_HITS: 7,
   /** Busy-poll window in µs (main may change it between sessions). */
   POLL_US: 8,
+  /** With STOP_REQ: 1 = serve the chains pending at the request first (pause), 0 = stop after the current one. */
+  STOP_DRAIN: 9,
   /** First queue slot. */
   QUEUES: 16,
 } as const;

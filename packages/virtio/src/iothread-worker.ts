@@ -96,6 +96,8 @@ async function main(d: IoThreadWorkerData): Promise<void> {
   const queues = d.queueSizes.map((n, i) => new Virtqueue(i, n));
   let driverFeatures = 0n;
   let failure: { reason: string; err?: unknown } | undefined;
+  /** Serving the chains pending at a draining stop request (ctx.active stays true meanwhile). */
+  let draining = false;
   const irqBuf = Buffer.alloc(8);
   irqBuf.writeBigUInt64LE(1n);
   const drainBuf = Buffer.alloc(8);
@@ -116,7 +118,7 @@ async function main(d: IoThreadWorkerData): Promise<void> {
     },
     hasFeature: (b) => (driverFeatures & (1n << BigInt(b))) !== 0n,
     get active() {
-      return failure === undefined && Atomics.load(ctl, CTL.STATE) === ST.RUNNING && !memory.isClosed;
+      return failure === undefined && (draining || Atomics.load(ctl, CTL.STATE) === ST.RUNNING) && !memory.isClosed;
     },
     queue: (i) => {
       const q = queues[i];
@@ -257,8 +259,21 @@ async function main(d: IoThreadWorkerData): Promise<void> {
         if (r & stopBit) drainFd(d.stopFd);
       }
       if (suppressed) suppress(false);
+      if (!failure && Atomics.load(ctl, CTL.STATE) === ST.STOP_REQ && ctl[CTL.STOP_DRAIN] === 1) {
+        // Pause: serve what the driver made available before the request (a bounded count per queue; with the
+        // vCPUs paused the rings do not grow anyway), so notified requests complete before the pause.
+        draining = true;
+        for (const q of queues) {
+          if (!q.ready) continue;
+          const start = q.lastAvail;
+          const want = q.pending();
+          while (!failure && q.ready && ((q.lastAvail - start) & 0xffff) < want && q.pending() > 0) serve(q.index);
+        }
+      }
     } catch (e) {
       failure ??= { reason: `I/O thread error: ${(e as Error).message}`, err: e };
+    } finally {
+      draining = false;
     }
     writeBack();
     const f = failure;
@@ -277,7 +292,10 @@ async function main(d: IoThreadWorkerData): Promise<void> {
     const s = Atomics.load(ctl, CTL.STATE);
     if (s === ST.EXIT) break;
     if (s === ST.RUN_REQ) {
-      if (Atomics.compareExchange(ctl, CTL.STATE, ST.RUN_REQ, ST.RUNNING) === ST.RUN_REQ) session();
+      if (Atomics.compareExchange(ctl, CTL.STATE, ST.RUN_REQ, ST.RUNNING) === ST.RUN_REQ) {
+        Atomics.notify(ctl, CTL.STATE); // an owner waiting to drain-stop a session the worker had not taken yet
+        session();
+      }
       continue;
     }
     if (s === ST.RUNNING || s === ST.STOP_REQ) {

@@ -88,21 +88,35 @@ describe('virtio I/O thread (fake VM, real eventfds)', () => {
     expect(t.ioThread!.counters.sessions).toBe(1);
   });
 
-  it('pause takes the rings back with exact indexes; save/restore mid-traffic completes every chain exactly once', async () => {
+  it('saveState while the worker is busy takes the rings back with exact indexes (mid-chain stop), then the worker goes on', async () => {
     const { mem, t, drv } = setup({ data: { slowMs: 5 } });
     drv.init();
     for (let i = 0; i < 7; i++) addEcho(drv, 0, 10 + i);
     drv.kick(0);
     await until(() => usedIdx(mem, drv, 0) >= 1, 5000, 'first completion');
-    await t.pause();
-    const doneAtPause = usedIdx(mem, drv, 0);
-    expect(doneAtPause).toBeLessThan(7);
-    const s = t.saveState();
-    expect(s.queues[0]!.usedIdx).toBe(doneAtPause);
-    // The worker may have popped nothing beyond what it completed (each chain is served fully before the next pop).
-    expect(s.queues[0]!.lastAvail).toBe(doneAtPause);
+    const s = t.saveState(); // not paused: the worker stops after the chain it serves, and is restarted
+    expect(s.queues[0]!.usedIdx).toBeLessThan(7);
+    // Nothing popped beyond what completed (each chain is served fully before the next pop).
+    expect(s.queues[0]!.lastAvail).toBe(s.queues[0]!.usedIdx);
+    expect(t.ioThread!.running).toBe(true);
+    await until(() => usedIdx(mem, drv, 0) === 7, 5000, 'the rest');
+    expect(t.ioThread!.counters.sessions).toBe(2);
+  });
+
+  it('pause serves what was notified before it, then hands back exact indexes; save/restore with chains pending completes each once', async () => {
+    const { mem, t, drv } = setup({ data: { slowMs: 5 } });
+    drv.init();
+    for (let i = 0; i < 4; i++) addEcho(drv, 0, 10 + i);
+    drv.kick(0);
+    await t.pause(); // right after the kick: the worker may not even have woken yet
+    expect(usedIdx(mem, drv, 0)).toBe(4);
+    // Paused: made available and notified, remembered but not served.
+    for (let i = 4; i < 7; i++) addEcho(drv, 0, 10 + i);
+    drv.kick(0);
     await new Promise((r) => setTimeout(r, 30));
-    expect(usedIdx(mem, drv, 0)).toBe(doneAtPause); // paused: no ring access
+    expect(usedIdx(mem, drv, 0)).toBe(4);
+    const s = t.saveState();
+    expect(s.queues[0]).toMatchObject({ usedIdx: 4, lastAvail: 4 });
     // Restore into a fresh transport (same memory) and resume: the rest completes once.
     await t.close();
     const dev2 = new ThreadedEcho();

@@ -213,16 +213,19 @@ export class IoThread {
   }
 
   /** One step of taking the rings back; returns true when done. */
-  private requestStop(): boolean {
+  private requestStop(drain = false): boolean {
     const c = this.ctl;
     for (;;) {
       const s = Atomics.load(c, CTL.STATE);
       if (s === ST.IDLE || s === ST.DEAD || s === ST.EXIT) return true;
       if (s === ST.RUN_REQ) {
+        // A draining stop lets the worker take the session first (it may still be loading), then drain it.
+        if (drain) return false;
         if (Atomics.compareExchange(c, CTL.STATE, ST.RUN_REQ, ST.IDLE) === ST.RUN_REQ) return true;
         continue;
       }
       if (s === ST.RUNNING) {
+        Atomics.store(c, CTL.STOP_DRAIN, drain ? 1 : 0);
         if (Atomics.compareExchange(c, CTL.STATE, ST.RUNNING, ST.STOP_REQ) !== ST.RUNNING) continue;
         this.stopFd.signal(1);
       }
@@ -233,26 +236,30 @@ export class IoThread {
   /**
    * Takes the rings back, blocking the main thread until the worker finished the request in progress (device
    * reset, queue disable: the MMIO write must not complete while the worker still touches the rings). The
-   * queues get the worker's exact indexes. After STOP_TIMEOUT_MS the thread is declared dead.
+   * queues get the worker's exact indexes. After STOP_TIMEOUT_MS the thread is declared dead. The worker stops
+   * after the chain it is serving unless `drain`.
    */
-  stopSync(queues: readonly Virtqueue[]): void {
-    if (this.requestStop()) return this.finishStop(queues);
+  stopSync(queues: readonly Virtqueue[], opts: { drain?: boolean } = {}): void {
+    if (this.requestStop(opts.drain)) return this.finishStop(queues);
     const deadline = performance.now() + STOP_TIMEOUT_MS;
     while (!this.requestStop()) {
       const left = deadline - performance.now();
       if (left <= 0) return this.declareDead(queues);
-      Atomics.wait(this.ctl, CTL.STATE, ST.STOP_REQ, Math.min(left, 100));
+      Atomics.wait(this.ctl, CTL.STATE, Atomics.load(this.ctl, CTL.STATE), Math.min(left, 100));
     }
     this.finishStop(queues);
   }
 
-  /** Like stopSync, without blocking the event loop (pause, save). */
-  async stop(queues: readonly Virtqueue[]): Promise<void> {
+  /**
+   * Like stopSync, without blocking the event loop. `drain` (pause): the worker first serves the chains that
+   * are pending when it sees the request (those the driver notified before the pause), then lets go.
+   */
+  async stop(queues: readonly Virtqueue[], opts: { drain?: boolean } = {}): Promise<void> {
     const deadline = performance.now() + STOP_TIMEOUT_MS;
-    while (!this.requestStop()) {
+    while (!this.requestStop(opts.drain)) {
       const left = deadline - performance.now();
       if (left <= 0) return this.declareDead(queues);
-      const w = Atomics.waitAsync(this.ctl, CTL.STATE, ST.STOP_REQ, Math.min(left, 100));
+      const w = Atomics.waitAsync(this.ctl, CTL.STATE, Atomics.load(this.ctl, CTL.STATE), Math.min(left, 100));
       if (w.async) await w.value;
     }
     this.finishStop(queues);

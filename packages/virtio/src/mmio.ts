@@ -95,6 +95,9 @@ export class VirtioMmioTransport implements BusDevice {
       get active() {
         return self.live && !self.paused;
       },
+      get ioThreadActive() {
+        return self.io?.running ?? false;
+      },
       queue: (i) => {
         const q = self.queues[i];
         if (!q) throw new KvmkitError('KVMKIT_ERR_VIRTIO_CONFIG', `${device.name}: no queue ${i}`);
@@ -375,7 +378,7 @@ export class VirtioMmioTransport implements BusDevice {
   async pause(): Promise<void> {
     this.paused = true;
     // The I/O thread finishes the request in progress and hands back its exact queue indexes.
-    if (this.io?.running) await this.io.stop(this.queues);
+    if (this.io?.running) await this.io.stop(this.queues, { drain: true });
     await this.quiesce();
   }
 
