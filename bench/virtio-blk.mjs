@@ -4,10 +4,11 @@
 // in tmpfs (/dev/shm), in ONE run: sequential read and write, 4 KiB and 64 KiB requests. Prints MiB/s and host
 // CPU time per GiB with ratios kvmkit/QEMU, and writes bench/results/virtio-blk.json.
 //   node bench/virtio-blk.mjs [--rounds R] [--depth D] [--disk-mib M] [--bytes-4k B] [--bytes-64k B]
-//                             [--qemu-cache writeback|none] [--no-async] [--elf path]
+//                             [--qemu-cache writeback|none] [--no-async] [--no-main] [--poll-us N] [--elf path]
 //
-// Peers: kvmkit (default: image on tmpfs → synchronous I/O on the main thread, see plugins/virtio-blk README),
-// kvmkit-async (syncIo: false → libuv threadpool, what every other filesystem gets), QEMU (-drive cache=writeback
+// Peers: kvmkit (default options: the disk's I/O thread serves the queue; --poll-us sets its busy-poll window),
+// kvmkit-main (ioThread: false: tmpfs image → synchronous I/O on the main thread, the default before the I/O
+// thread), kvmkit-async (ioThread: false, syncIo: false → libuv threadpool), QEMU (-drive cache=writeback
 // aio=threads: its default, page-cache I/O from its thread pool — the same data path as kvmkit's, a copy
 // between guest memory and tmpfs pages; `--qemu-cache none` uses cache=none,aio=native instead, i.e. O_DIRECT,
 // which tmpfs (Linux ≥ 6.6) serves as the same copy).
@@ -39,7 +40,7 @@ if (process.argv[2] === '--child') {
   const { default: virtioBlk } = await imp('plugins/virtio-blk/dist/index.js');
   const m = new Machine({
     config: { name: 'bench-blk', memory: 64, cpus: 1, cmdline: o.cmdline },
-    plugins: [virtioBlk({ path: o.image, ...(o.syncIo === undefined ? {} : { syncIo: o.syncIo }) }), platformPc(), serial({ console: false, output: 'stdout' }), bootLinux({ kernel: o.elf })],
+    plugins: [virtioBlk({ path: o.image, ...(o.syncIo === undefined ? {} : { syncIo: o.syncIo }), ...(o.ioThread === undefined ? {} : { ioThread: o.ioThread }), ...(o.pollUs === undefined ? {} : { pollUs: o.pollUs }) }), platformPc(), serial({ console: false, output: 'stdout' }), bootLinux({ kernel: o.elf })],
     log: silentLogger(),
   });
   await m.start();
@@ -60,6 +61,8 @@ const { values } = parseArgs({
     'bytes-64k': { type: 'string', default: String(512 << 20) },
     'qemu-cache': { type: 'string', default: 'writeback' },
     'no-async': { type: 'boolean', default: false },
+    'no-main': { type: 'boolean', default: false },
+    'poll-us': { type: 'string' },
     elf: { type: 'string' },
   },
 });
@@ -161,9 +164,12 @@ function runVmm(cmd, args, timeoutMs) {
   });
 }
 
+const POLL_US = values['poll-us'] === undefined ? undefined : Number(values['poll-us']);
+const child = (cmdline, extra) => [process.execPath, [fileURLToPath(import.meta.url), '--child', JSON.stringify({ cmdline, image, elf, timeoutMs: 120_000, ...extra })]];
 const peers = {
-  kvmkit: (cmdline) => [process.execPath, [fileURLToPath(import.meta.url), '--child', JSON.stringify({ cmdline, image, elf, timeoutMs: 120_000 })]],
-  'kvmkit-async': (cmdline) => [process.execPath, [fileURLToPath(import.meta.url), '--child', JSON.stringify({ cmdline, image, elf, syncIo: false, timeoutMs: 120_000 })]],
+  kvmkit: (cmdline) => child(cmdline, POLL_US === undefined ? {} : { pollUs: POLL_US }),
+  'kvmkit-main': (cmdline) => child(cmdline, { ioThread: false }),
+  'kvmkit-async': (cmdline) => child(cmdline, { ioThread: false, syncIo: false }),
   qemu: (cmdline) => [
     qemu,
     [
@@ -176,6 +182,7 @@ const peers = {
   ],
 };
 if (values['no-async']) delete peers['kvmkit-async'];
+if (values['no-main']) delete peers['kvmkit-main'];
 const names = Object.keys(peers);
 
 const cases = [];

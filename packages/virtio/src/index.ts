@@ -1,5 +1,5 @@
 export { VIRTIO_STATUS, VIRTIO_F, VIRTQ_DESC_F, VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_USED_F_NO_NOTIFY, VIRTIO_MMIO_INT, VIRTQ_MAX_SIZE, VIRTIO_ID, MMIO, VIRTIO_MMIO_MAGIC, VIRTIO_MMIO_VERSION, KVMKIT_VENDOR_ID, bit } from './constants.js';
-export { Virtqueue, VirtqueueError, DescriptorChain, MAX_CHAIN_BYTES } from './queue.js';
+export { Virtqueue, VirtqueueError, DescriptorChain, ChainBuf, MAX_CHAIN_BYTES } from './queue.js';
 export type { DescBuf, VirtqueueState } from './queue.js';
 export { VirtioDevice } from './device.js';
 export type { VirtioDeviceContext } from './device.js';

@@ -182,7 +182,11 @@ async function main(d: IoThreadWorkerData): Promise<void> {
     }
   };
   const running = () => Atomics.load(ctl, CTL.STATE) === ST.RUNNING;
+  /** VIRTQ_USED_F_NO_NOTIFY on every ready queue: set while serving or polling (as QEMU does), cleared before sleeping. */
+  let suppressed = false;
   const suppress = (on: boolean) => {
+    if (suppressed === on) return;
+    suppressed = on;
     for (const q of queues) if (q.ready) q.suppressNotifications(on);
   };
 
@@ -202,6 +206,7 @@ async function main(d: IoThreadWorkerData): Promise<void> {
       if (failure || !running()) return any;
       if (q.ready && q.pending() > 0) {
         any = true;
+        suppress(true); // the driver need not notify for what it adds while we serve: the loop picks it up
         serve(q.index);
       }
     }
@@ -217,7 +222,7 @@ async function main(d: IoThreadWorkerData): Promise<void> {
       for (const fd of fds) drainFd(fd);
       // A kick of every ready queue (DRIVER_OK, resume, restore): chains published while nobody served them.
       for (const q of queues) if (q.ready && !failure && running()) serve(q.index);
-      let suppressed = false;
+      suppressed = false;
       while (!failure && running()) {
         let any: boolean;
         try {
@@ -229,7 +234,7 @@ async function main(d: IoThreadWorkerData): Promise<void> {
         if (any) continue;
         const pollUs = ctl[CTL.POLL_US]!;
         if (pollUs > 0) {
-          if (!suppressed) suppress((suppressed = true));
+          suppress(true);
           const until = performance.now() + pollUs / 1000;
           let hit = false;
           for (let i = 0; !hit; i++) {
@@ -244,7 +249,7 @@ async function main(d: IoThreadWorkerData): Promise<void> {
         // Notifications back on FIRST, then one more look: a chain published before the driver saw the flag
         // cleared gets no notification (the seq-cst store orders the flag before the load). With EVENT_IDX,
         // pop() on an empty ring publishes avail_event; serveAll() ran pop() to empty on every queue it served.
-        if (suppressed) suppress((suppressed = false));
+        suppress(false);
         if (queues.some((q) => q.ready && q.pending() > 0)) continue;
         if (!running()) break;
         let r: number;
@@ -258,7 +263,7 @@ async function main(d: IoThreadWorkerData): Promise<void> {
         for (let i = 0; i < fdQueue.length; i++) if (r & (1 << i)) drainFd(fds[i]!);
         if (r & stopBit) drainFd(d.stopFd);
       }
-      if (suppressed) suppress(false);
+      suppress(false);
       if (!failure && Atomics.load(ctl, CTL.STATE) === ST.STOP_REQ && ctl[CTL.STOP_DRAIN] === 1) {
         // Pause: serve what the driver made available before the request (a bounded count per queue; with the
         // vCPUs paused the rings do not grow anyway), so notified requests complete before the pause.

@@ -82,6 +82,131 @@ export class DescriptorChain {
   }
 }
 
+const TWO32 = 2 ** 32;
+
+/**
+ * The allocation-free form of a validated chain (`Virtqueue.popInto`), for hot paths: guest addresses and lengths
+ * as Numbers in typed arrays, reused from one pop to the next. Buffers `[0, readable)` are device-readable,
+ * `[readable, count)` device-writable; every `[addr[i], addr[i]+len[i])` was checked to lie inside one guest RAM
+ * region. `valid` turns false when the queue was reset or disabled after the pop.
+ */
+export class ChainBuf {
+  queue: Virtqueue | undefined;
+  head = 0;
+  epoch = 0;
+  /** Buffers in the chain (readable first). */
+  count = 0;
+  /** Number of device-readable buffers (they come first). */
+  readable = 0;
+  readableLength = 0;
+  writableLength = 0;
+  /** Number of descriptors walked (main table + indirect). */
+  descriptors = 0;
+  addr: Float64Array;
+  len: Uint32Array;
+
+  constructor(capacity = 8) {
+    this.addr = new Float64Array(capacity);
+    this.len = new Uint32Array(capacity);
+  }
+
+  get valid(): boolean {
+    const q = this.queue;
+    return q !== undefined && q.epoch === this.epoch && q.ready;
+  }
+
+  /** Forgets the chain (count 0). */
+  clear(queue: Virtqueue | undefined, head: number, epoch: number): void {
+    this.queue = queue;
+    this.head = head;
+    this.epoch = epoch;
+    this.count = this.readable = this.readableLength = this.writableLength = this.descriptors = 0;
+  }
+
+  /** Appends a buffer (the caller validated it). */
+  push(addr: number, len: number, writable: boolean): void {
+    if (this.count === this.addr.length) {
+      const a = new Float64Array(this.addr.length * 2);
+      a.set(this.addr);
+      const l = new Uint32Array(this.len.length * 2);
+      l.set(this.len);
+      this.addr = a;
+      this.len = l;
+    }
+    this.addr[this.count] = addr;
+    this.len[this.count] = len;
+    this.count++;
+    if (writable) this.writableLength += len;
+    else {
+      this.readable++;
+      this.readableLength += len;
+    }
+  }
+
+  /** A copy that owns its arrays (e.g. to keep a chain across an await while the original is reused). */
+  clone(): ChainBuf {
+    const c = new ChainBuf(Math.max(1, this.count));
+    c.clear(this.queue, this.head, this.epoch);
+    for (let i = 0; i < this.count; i++) c.push(this.addr[i]!, this.len[i]!, i >= this.readable);
+    c.descriptors = this.descriptors;
+    return c;
+  }
+
+  /** The object form (BigInt addresses), e.g. for code written against DescriptorChain. */
+  toChain(): DescriptorChain {
+    const c = new DescriptorChain(this.queue!, this.head, this.epoch);
+    for (let i = 0; i < this.count; i++) {
+      const b = { addr: BigInt(this.addr[i]!), len: this.len[i]! };
+      if (i < this.readable) c.readable.push(b);
+      else c.writable.push(b);
+    }
+    c.readableLength = this.readableLength;
+    c.writableLength = this.writableLength;
+    c.descriptors = this.descriptors;
+    return c;
+  }
+
+  /** Copies up to `len` readable bytes starting at readable offset `offset` (default: all). */
+  read(mem: GuestMemory, offset = 0, len = this.readableLength - offset): Uint8Array {
+    len = Math.max(0, Math.min(len, this.readableLength - offset));
+    const out = new Uint8Array(len);
+    let pos = 0;
+    let skip = offset;
+    for (let i = 0; i < this.readable && pos < len; i++) {
+      const bl = this.len[i]!;
+      if (skip >= bl) {
+        skip -= bl;
+        continue;
+      }
+      const n = Math.min(bl - skip, len - pos);
+      out.set(mem.view(this.addr[i]! + skip, n), pos);
+      pos += n;
+      skip = 0;
+    }
+    return out;
+  }
+
+  /** Writes `data` into the writable buffers from writable offset `offset`; returns bytes written (dirty-tracked after the copy). */
+  write(mem: GuestMemory, data: Uint8Array, offset = 0): number {
+    let pos = 0;
+    let skip = offset;
+    for (let i = this.readable; i < this.count && pos < data.length; i++) {
+      const bl = this.len[i]!;
+      if (skip >= bl) {
+        skip -= bl;
+        continue;
+      }
+      const n = Math.min(bl - skip, data.length - pos);
+      const at = this.addr[i]! + skip;
+      mem.view(at, n).set(data.subarray(pos, pos + n));
+      mem.markWritten(at, n);
+      pos += n;
+      skip = 0;
+    }
+    return pos;
+  }
+}
+
 export interface VirtqueueState {
   size: number;
   ready: boolean;
@@ -112,6 +237,8 @@ export class Virtqueue {
   /** Bumped by reset(): chains popped before become invalid. */
   epoch = 0;
   private lastPopped: DescriptorChain | undefined;
+  /** pop()'s walk target (converted to a DescriptorChain). */
+  private readonly scratch = new ChainBuf();
   indirect = false;
   eventIdx = false;
 
@@ -124,6 +251,8 @@ export class Virtqueue {
   private usedFlags16: Uint16Array | undefined;
   private usedEvent16: Uint16Array | undefined;
   private availEvent16: Uint16Array | undefined;
+  /** `device` as a Number (exact: validated inside guest RAM at enable). */
+  private deviceN = 0;
 
   constructor(
     readonly index: number,
@@ -194,6 +323,7 @@ export class Virtqueue {
     this.usedFlags16 = u16(this.device);
     this.usedEvent16 = opts.eventIdx ? u16(this.driver + BigInt(4 + 2 * n)) : undefined;
     this.availEvent16 = opts.eventIdx ? u16(this.device + BigInt(4 + 8 * n)) : undefined;
+    this.deviceN = Number(this.device);
     this.indirect = opts.indirect;
     this.eventIdx = opts.eventIdx;
     this.ready = true;
@@ -219,14 +349,25 @@ export class Virtqueue {
    * publishes avail_event = last_avail_idx (so the driver notifies on the next buffer) and re-checks.
    */
   pop(): DescriptorChain | null {
-    if (!this.ready) return null;
+    if (!this.popInto(this.scratch)) return null;
+    const chain = this.scratch.toChain();
+    this.lastPopped = chain;
+    return chain;
+  }
+
+  /**
+   * Like `pop()`, into a reusable ChainBuf (no allocation per chain; Number addresses). Returns false when the
+   * ring is empty. Same validation and EVENT_IDX behaviour as `pop()`; such a chain cannot be `unpop()`ed.
+   */
+  popInto(out: ChainBuf): boolean {
+    if (!this.ready) return false;
     let p = this.pending();
     if (p === 0) {
-      if (!this.availEvent16) return null;
+      if (!this.availEvent16) return false;
       Atomics.store(this.availEvent16, 0, this.lastAvail); // seq-cst store: also a full fence
-      this.mem!.markWritten(this.device + BigInt(4 + 8 * this.size), 2);
+      this.mem!.markWritten(this.deviceN + 4 + 8 * this.size, 2);
       p = this.pending();
-      if (p === 0) return null;
+      if (p === 0) return false;
     }
     const head = this.avail!.getUint16(4 + 2 * (this.lastAvail % this.size), true);
     this.lastAvail = (this.lastAvail + 1) & 0xffff;
@@ -234,9 +375,8 @@ export class Virtqueue {
     if (head >= this.size) {
       throw new VirtqueueError(`queue ${this.index}: head index ${head} >= queue size ${this.size}`, { queue: this.index, head });
     }
-    const chain = this.walk(head);
-    this.lastPopped = chain;
-    return chain;
+    this.walk(head, out);
+    return true;
   }
 
   /**
@@ -251,9 +391,9 @@ export class Virtqueue {
     this.lastPopped = undefined;
   }
 
-  private walk(head: number): DescriptorChain {
+  private walk(head: number, chain: ChainBuf): void {
     const mem = this.mem!;
-    const chain = new DescriptorChain(this, head, this.epoch);
+    chain.clear(this, head, this.epoch);
     let table = this.descTable!;
     let tableSize = this.size;
     let idx = head;
@@ -266,10 +406,14 @@ export class Virtqueue {
       if (++count > tableSize) throw new VirtqueueError(`queue ${q}: descriptor chain from head ${head} loops or exceeds ${tableSize} entries`, { queue: q, head });
       if (++total > this.size + VIRTQ_MAX_SIZE) throw new VirtqueueError(`queue ${q}: descriptor chain too long`, { queue: q, head });
       const off = idx * 16;
-      const addr = table.getBigUint64(off, true);
+      const lo = table.getUint32(off, true);
+      const hi = table.getUint32(off + 4, true);
       const len = table.getUint32(off + 8, true);
       const flags = table.getUint16(off + 12, true);
       const next = table.getUint16(off + 14, true);
+      // Addresses of 2^53 and above are not Numbers; they are outside guest RAM anyway (reported as such).
+      const addr = hi < 0x20_0000 ? hi * TWO32 + lo : -1;
+      const hex = () => ((BigInt(hi) << 32n) | BigInt(lo)).toString(16);
       if (flags & VIRTQ_DESC_F.INDIRECT) {
         if (!this.indirect) throw new VirtqueueError(`queue ${q}: indirect descriptor without VIRTIO_F_INDIRECT_DESC`, { queue: q, head });
         if (inIndirect) throw new VirtqueueError(`queue ${q}: nested indirect descriptor`, { queue: q, head });
@@ -277,7 +421,7 @@ export class Virtqueue {
         if (len === 0 || len % 16 !== 0 || len / 16 > VIRTQ_MAX_SIZE) {
           throw new VirtqueueError(`queue ${q}: indirect table length ${len} is not a non-zero multiple of 16 (max ${VIRTQ_MAX_SIZE} entries)`, { queue: q, head, len });
         }
-        if (!mem.contains(addr, len)) throw new VirtqueueError(`queue ${q}: indirect table 0x${addr.toString(16)}+${len} is outside guest RAM`, { queue: q, head });
+        if (addr < 0 || !mem.contains(addr, len)) throw new VirtqueueError(`queue ${q}: indirect table 0x${hex()}+${len} is outside guest RAM`, { queue: q, head });
         const r = mem.view(addr, len);
         table = new DataView(r.buffer, r.byteOffset, r.byteLength);
         tableSize = len / 16;
@@ -287,21 +431,19 @@ export class Virtqueue {
         chain.descriptors++;
         continue;
       }
-      if (!mem.contains(addr, len)) {
-        throw new VirtqueueError(`queue ${q}: buffer 0x${addr.toString(16)}+${len} is outside guest RAM`, { queue: q, head, len });
+      if (addr < 0 || !mem.contains(addr, len)) {
+        throw new VirtqueueError(`queue ${q}: buffer 0x${hex()}+${len} is outside guest RAM`, { queue: q, head, len });
       }
       chain.descriptors++;
       if (flags & VIRTQ_DESC_F.WRITE) {
-        chain.writable.push({ addr, len });
-        chain.writableLength += len;
+        chain.push(addr, len, true);
         if (chain.writableLength > MAX_CHAIN_BYTES) throw new VirtqueueError(`queue ${q}: writable length exceeds 4 GiB`, { queue: q, head });
       } else {
-        if (chain.writable.length > 0) throw new VirtqueueError(`queue ${q}: device-readable descriptor after a device-writable one`, { queue: q, head });
-        chain.readable.push({ addr, len });
-        chain.readableLength += len;
+        if (chain.count > chain.readable) throw new VirtqueueError(`queue ${q}: device-readable descriptor after a device-writable one`, { queue: q, head });
+        chain.push(addr, len, false);
         if (chain.readableLength > MAX_CHAIN_BYTES) throw new VirtqueueError(`queue ${q}: readable length exceeds 4 GiB`, { queue: q, head });
       }
-      if (!(flags & VIRTQ_DESC_F.NEXT)) return chain;
+      if (!(flags & VIRTQ_DESC_F.NEXT)) return;
       idx = next;
     }
   }
@@ -314,7 +456,7 @@ export class Virtqueue {
   suppressNotifications(on: boolean): void {
     if (!this.ready || !this.usedFlags16) return;
     Atomics.store(this.usedFlags16, 0, on ? VIRTQ_USED_F_NO_NOTIFY : 0);
-    this.mem!.markWritten(this.device, 2);
+    this.mem!.markWritten(this.deviceN, 2);
   }
 
   /**
@@ -322,7 +464,7 @@ export class Virtqueue {
    * the driver never sees an index covering an unwritten element. Returns false (and writes nothing) for a
    * chain popped before a reset.
    */
-  pushUsed(chain: DescriptorChain | number, len: number): boolean {
+  pushUsed(chain: DescriptorChain | ChainBuf | number, len: number): boolean {
     if (typeof chain !== 'number' && !chain.valid) return false;
     if (!this.ready) return false;
     const head = typeof chain === 'number' ? chain : chain.head;
@@ -332,8 +474,8 @@ export class Virtqueue {
     this.usedIdx = (this.usedIdx + 1) & 0xffff;
     Atomics.store(this.usedIdx16!, 0, this.usedIdx);
     // The used ring is written through views cached at activation: record it for dirty tracking.
-    this.mem!.markWritten(this.device + BigInt(off), 8);
-    this.mem!.markWritten(this.device + 2n, 2);
+    this.mem!.markWritten(this.deviceN + off, 8);
+    this.mem!.markWritten(this.deviceN + 2, 2);
     return true;
   }
 

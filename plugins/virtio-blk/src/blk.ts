@@ -1,6 +1,6 @@
 import * as fs from 'node:fs';
 import { KvmkitError, ffi, type Logger } from '@kvmkit/kernel';
-import { VIRTIO_ID, VirtioDevice, bit, type DescriptorChain, type IoThreadSpec } from '@kvmkit/virtio';
+import { VIRTIO_ID, VirtioDevice, bit, type ChainBuf, type IoThreadSpec } from '@kvmkit/virtio';
 import { BlkRequests, SECTOR, STATS_BYTES, VIRTIO_BLK_F, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S, VIRTIO_BLK_T, alignedBuffer, sharedStats, type BlkRequestOptions, type BlkStats } from './requests.js';
 import type { BlkWorkerData } from './worker.js';
 
@@ -270,7 +270,7 @@ export class VirtioBlk extends VirtioDevice {
   }
 
   /** The asynchronous path (main thread, threadpool I/O): completes when the I/O finished. */
-  private startAsync(c: DescriptorChain): void {
+  private startAsync(c: ChainBuf): void {
     const p = this.handle(c).then(
       (r) => this.requests!.complete(c, r.status, r.len, true),
       (e) => {
@@ -282,14 +282,11 @@ export class VirtioBlk extends VirtioDevice {
     void p.finally(() => this.inflight.delete(p));
   }
 
-  private async handle(c: DescriptorChain): Promise<{ status: number; len: number }> {
+  private async handle(c: ChainBuf): Promise<{ status: number; len: number }> {
     const mem = this.ctx.memory;
     const fh = this.fh;
     if (c.readableLength < 16 || !fh) return { status: VIRTIO_BLK_S.IOERR, len: 0 };
-    const hdr = c.read(mem, 0, 16);
-    const hv = new DataView(hdr.buffer, hdr.byteOffset, 16);
-    const type = hv.getUint32(0, true);
-    const sector = hv.getBigUint64(8, true);
+    const { type, sector } = this.requests!.header(c);
     const outLen = c.readableLength - 16; // payload after the header
     const inLen = c.writableLength - 1; // writable bytes before the status byte
     const S = VIRTIO_BLK_S;
@@ -297,7 +294,7 @@ export class VirtioBlk extends VirtioDevice {
       case VIRTIO_BLK_T.IN: {
         if (!this.requests!.checkSegments(c, true) || inLen % SECTOR !== 0 || !this.requests!.inRange(sector, inLen)) return { status: S.IOERR, len: 0 };
         const buf = this.direct ? alignedBuffer(inLen) : Buffer.allocUnsafe(inLen);
-        await this.directFallback((f) => readAll(f, buf, Number(sector) * SECTOR));
+        await this.directFallback((f) => readAll(f, buf, sector * SECTOR));
         if (!c.valid || mem.isClosed) return { status: S.IOERR, len: 0 };
         c.write(mem, buf);
         this.stats.reads++;
@@ -310,7 +307,7 @@ export class VirtioBlk extends VirtioDevice {
         const data = c.read(mem, 16, outLen);
         const buf = this.direct ? alignedBuffer(outLen) : Buffer.from(data.buffer, data.byteOffset, data.byteLength);
         if (this.direct) buf.set(data);
-        await this.directFallback((f) => writeAll(f, buf, Number(sector) * SECTOR));
+        await this.directFallback((f) => writeAll(f, buf, sector * SECTOR));
         this.stats.writes++;
         this.stats.bytesWritten += outLen;
         return { status: S.OK, len: 0 };
@@ -333,13 +330,13 @@ export class VirtioBlk extends VirtioDevice {
         const segSector = seg.sector;
         const num = seg.num;
         if (isWz) {
-          await this.directFallback((f) => this.writeZeroes(f, Number(segSector) * SECTOR, num * SECTOR));
+          await this.directFallback((f) => this.writeZeroes(f, segSector * SECTOR, num * SECTOR));
           this.stats.writeZeroes++;
         } else {
           // Discard is advisory (§5.2.6.2): punch a hole so the host frees the blocks. Filesystems that cannot
           // (EOPNOTSUPP) keep the data, which the spec allows. The range was checked against the capacity above.
           if (num > 0) {
-            const r = ffi.fallocate(this.fh!.fd, ffi.FALLOC_FL_PUNCH_HOLE | ffi.FALLOC_FL_KEEP_SIZE, Number(segSector) * SECTOR, num * SECTOR);
+            const r = ffi.fallocate(this.fh!.fd, ffi.FALLOC_FL_PUNCH_HOLE | ffi.FALLOC_FL_KEEP_SIZE, segSector * SECTOR, num * SECTOR);
             if (r < 0 && r !== -95 /* EOPNOTSUPP */) return { status: S.IOERR, len: 0 };
           }
           this.stats.discards++;

@@ -6,7 +6,7 @@
  */
 import * as fs from 'node:fs';
 import { KvmkitError, ffi, type GuestMemory, type Logger } from '@kvmkit/kernel';
-import type { DescriptorChain, VirtioDeviceContext } from '@kvmkit/virtio';
+import { ChainBuf, type VirtioDeviceContext } from '@kvmkit/virtio';
 
 /** virtio-blk feature bits (§5.2.3). */
 export const VIRTIO_BLK_F = {
@@ -99,16 +99,21 @@ export interface BlkRequestOptions {
 const MERGE_MAX_IOVS = 1024;
 const MERGE_MAX_BYTES = 64 << 10;
 
-/** One synchronous IN/OUT request ready to run (views alias the guest's buffers). */
+/** One synchronous IN/OUT request ready to run: data buffers `[first, last)` of `chain` (minus the header/status). */
 interface SyncIo {
-  chain: DescriptorChain;
+  chain: ChainBuf;
   write: boolean;
   pos: number;
   bytes: number;
-  views: Uint8Array[];
-  /** IN: the guest ranges the read fills (recorded as written after the read, for dirty tracking). */
-  marks: Array<{ addr: bigint; len: number }> | undefined;
+  /** Index of the first data buffer and the byte offset into it (OUT: after the 16-byte header). */
+  first: number;
+  firstSkip: number;
+  /** Number of data segments. */
+  segs: number;
 }
+
+/** The request header: type, and the sector as a Number (-1 when ≥ 2^53: out of range for any disk). */
+const hdrScratch = new DataView(new ArrayBuffer(16));
 
 const EINVAL_CODE = 'EINVAL';
 
@@ -127,30 +132,46 @@ export class BlkRequests {
     return this.context();
   }
 
+  /** ChainBufs reused from one drain to the next (one per request of a merge group). */
+  private readonly pool: ChainBuf[] = [];
+  /** SyncIo records, reused likewise. */
+  private readonly ios: SyncIo[] = [];
+
   /**
    * Pops and serves up to `limit` available chains (stops early when the context turns inactive: the I/O
    * thread's owner wants the rings back). Synchronous completions are signalled once at the end. Chains the
-   * synchronous path does not take go to `startAsync`. Returns true when it stopped at the limit.
+   * synchronous path does not take go to `startAsync` (a copy the callee may keep). Returns true when it
+   * stopped at the limit.
    */
-  drain(q: number, limit: number, sync: boolean, startAsync?: (c: DescriptorChain) => void): boolean {
+  drain(q: number, limit: number, sync: boolean, startAsync?: (c: ChainBuf) => void): boolean {
     const ctx = this.ctx;
     const vq = ctx.queue(q);
-    let completed = 0;
-    let n = 0;
-    let group: SyncIo[] = [];
+    const pool = this.pool;
+    const ios = this.ios;
+    // The merge group is ios[0..groupLen) over pool[0..groupLen); the next chain is popped into pool[groupLen].
+    let groupLen = 0;
     let groupEnd = 0;
     let groupIovs = 0;
     let groupBytes = 0;
+    let completed = 0;
+    let n = 0;
     const flushGroup = () => {
-      if (group.length === 0) return;
-      const g = group;
-      group = [];
-      groupIovs = groupBytes = 0;
-      this.runGroup(g);
-      completed += g.length;
+      if (groupLen === 0) return;
+      const k = groupLen;
+      groupLen = groupIovs = groupBytes = 0;
+      this.runGroup(k);
+      completed += k;
     };
     try {
-      for (let c = n < limit ? vq.pop() : null; c; c = ++n < limit && ctx.active ? vq.pop() : null) {
+      for (;;) {
+        if (n >= limit || (n > 0 && !ctx.active)) break;
+        if (groupLen === pool.length) {
+          pool.push(new ChainBuf());
+          ios.push({ chain: pool[groupLen]!, write: false, pos: 0, bytes: 0, first: 0, firstSkip: 0, segs: 0 });
+        }
+        const c = pool[groupLen]!;
+        if (!vq.popInto(c)) break;
+        n++;
         if (c.writableLength < 1) {
           // No room for a status byte: nothing can be reported; complete with 0 bytes so the ring moves on.
           this.log.warn({ head: c.head }, 'virtio-blk request without a status byte');
@@ -159,30 +180,36 @@ export class BlkRequests {
           continue;
         }
         if (sync || !startAsync) {
-          const r = this.prepareSync(c);
-          if (r && 'chain' in r) {
-            const joins =
-              group.length > 0 &&
-              group[0]!.write === r.write &&
-              r.pos === groupEnd &&
-              groupIovs + r.views.length <= MERGE_MAX_IOVS &&
-              groupBytes + r.bytes <= MERGE_MAX_BYTES;
-            if (!joins) flushGroup();
-            group.push(r);
-            groupEnd = r.pos + r.bytes;
-            groupIovs += r.views.length;
-            groupBytes += r.bytes;
+          const io = ios[groupLen]!;
+          io.chain = c;
+          const r = this.prepareSync(c, io);
+          if (r === undefined) {
+            const joins = groupLen === 0 || (ios[0]!.write === io.write && io.pos === groupEnd && groupIovs + io.segs <= MERGE_MAX_IOVS && groupBytes + io.bytes <= MERGE_MAX_BYTES);
+            if (!joins) {
+              // Run the group so far, then this request starts the next one (swapped into slot 0).
+              const k = groupLen;
+              flushGroup();
+              pool[k] = pool[0]!;
+              pool[0] = c;
+              ios[k] = ios[0]!;
+              ios[0] = io;
+            }
+            groupLen++;
+            groupEnd = io.pos + io.bytes;
+            groupIovs += io.segs;
+            groupBytes += io.bytes;
             continue;
           }
-          // Anything else is ordered after the I/O popped before it (a FLUSH must see earlier writes).
+          // Anything else is ordered after the I/O popped before it (a FLUSH must see earlier writes). This chain
+          // sits after the group's chains in the pool, so running the group leaves it alone.
           flushGroup();
-          if (r) {
+          if (r !== null) {
             this.complete(c, r.status, r.len, false);
             completed++;
             continue;
           }
         }
-        startAsync!(c);
+        startAsync!(c.clone());
       }
     } finally {
       // Also when a malformed chain throws (the transport then sets DEVICE_NEEDS_RESET): requests already
@@ -193,59 +220,52 @@ export class BlkRequests {
     return n >= limit;
   }
 
-  /** Reads the 16-byte request header: type and sector. */
-  header(c: DescriptorChain): { type: number; sector: bigint } {
+  /** Reads the 16-byte request header: type and sector (-1 when ≥ 2^53, out of range for any disk). */
+  header(c: ChainBuf): { type: number; sector: number } {
     const mem = this.ctx.memory;
-    const first = c.readable[0]!;
-    if (first.len >= 16) return { type: mem.readU32(first.addr), sector: mem.readU64(first.addr + 8n) }; // the usual layout: no copy
-    const hdr = c.read(mem, 0, 16);
-    const hv = new DataView(hdr.buffer, hdr.byteOffset, 16);
-    return { type: hv.getUint32(0, true), sector: hv.getBigUint64(8, true) };
+    let lo: number;
+    let hi: number;
+    let type: number;
+    if (c.len[0]! >= 16) {
+      // The usual layout: the whole header in the first descriptor (no copy).
+      const a = c.addr[0]!;
+      type = mem.readU32(a);
+      lo = mem.readU32(a + 8);
+      hi = mem.readU32(a + 12);
+    } else {
+      const h = c.read(mem, 0, 16);
+      const hv = hdrScratch;
+      for (let i = 0; i < 16; i++) hv.setUint8(i, h[i]!);
+      type = hv.getUint32(0, true);
+      lo = hv.getUint32(8, true);
+      hi = hv.getUint32(12, true);
+    }
+    return { type, sector: hi < 0x20_0000 ? hi * 2 ** 32 + lo : -1 };
   }
 
   /**
-   * The synchronous path, step 1: parses and validates a chain. IN/OUT come back as an I/O to run (views
-   * straight onto the guest's buffers, no bounce buffer) so that `runGroup` can merge adjacent ones; FLUSH (and,
-   * with syncAll, GET_ID/DISCARD/WRITE_ZEROES) and errors come back as a result; other types as undefined
-   * (they take the asynchronous path).
+   * The synchronous path, step 1: parses and validates a chain. IN/OUT fill `io` (data buffers straight in
+   * guest memory, no bounce buffer) and return undefined, so that `runGroup` can merge adjacent ones; FLUSH
+   * (and, with syncAll, GET_ID/DISCARD/WRITE_ZEROES) and errors return a result; other types return null (they
+   * take the asynchronous path).
    */
-  prepareSync(c: DescriptorChain): SyncIo | { status: number; len: number } | undefined {
-    const mem = this.ctx.memory;
+  prepareSync(c: ChainBuf, io: SyncIo): { status: number; len: number } | null | undefined {
     const S = VIRTIO_BLK_S;
     if (c.readableLength < 16 || this.closed) return { status: S.IOERR, len: 0 };
     const { type, sector } = this.header(c);
     switch (type) {
-      case VIRTIO_BLK_T.IN: {
-        const inLen = c.writableLength - 1;
-        if (!this.checkSegments(c, true) || inLen % SECTOR !== 0 || !this.inRange(sector, inLen)) return { status: S.IOERR, len: 0 };
-        const views: Uint8Array[] = [];
-        const marks: Array<{ addr: bigint; len: number }> = [];
-        let left = inLen;
-        for (const b of c.writable) {
-          if (left <= 0) break;
-          const n = Math.min(b.len, left);
-          if (n > 0) {
-            // view(), not range(): the pages are recorded as written after the read filled them.
-            views.push(mem.view(b.addr, n));
-            marks.push({ addr: b.addr, len: n });
-          }
-          left -= n;
-        }
-        return { chain: c, write: false, pos: Number(sector) * SECTOR, bytes: inLen, views, marks };
-      }
+      case VIRTIO_BLK_T.IN:
       case VIRTIO_BLK_T.OUT: {
-        if (this.o.readOnly) return { status: S.IOERR, len: 0 };
-        const outLen = c.readableLength - 16;
-        if (!this.checkSegments(c, false) || outLen % SECTOR !== 0 || !this.inRange(sector, outLen)) return { status: S.IOERR, len: 0 };
-        const views: Uint8Array[] = [];
-        let skip = 16;
-        for (const b of c.readable) {
-          const k = Math.min(skip, b.len);
-          skip -= k;
-          const n = b.len - k;
-          if (n > 0) views.push(mem.view(b.addr + BigInt(k), n));
-        }
-        return { chain: c, write: true, pos: Number(sector) * SECTOR, bytes: outLen, views, marks: undefined };
+        const write = type === VIRTIO_BLK_T.OUT;
+        if (write && this.o.readOnly) return { status: S.IOERR, len: 0 };
+        const bytes = write ? c.readableLength - 16 : c.writableLength - 1;
+        if (bytes % SECTOR !== 0 || !this.inRange(sector, bytes)) return { status: S.IOERR, len: 0 };
+        if (!this.dataSegments(c, write, io)) return { status: S.IOERR, len: 0 };
+        io.chain = c;
+        io.write = write;
+        io.pos = sector * SECTOR;
+        io.bytes = bytes;
+        return undefined;
       }
       case VIRTIO_BLK_T.FLUSH:
         try {
@@ -257,12 +277,62 @@ export class BlkRequests {
         this.stats.flushes++;
         return { status: S.OK, len: 0 };
       default:
-        return this.o.syncAll ? this.otherSync(c, type) : undefined;
+        return this.o.syncAll ? this.otherSync(c, type) : null;
     }
   }
 
+  /**
+   * Locates the data segments of an IN (writable buffers before the status byte) or OUT (readable buffers after
+   * the 16-byte header) into `io.first/firstSkip/segs`; false when there are more than seg_max or one is larger
+   * than size_max.
+   */
+  dataSegments(c: ChainBuf, write: boolean, io: SyncIo): boolean {
+    const sizeMax = this.o.sizeMax;
+    let segs = 0;
+    let first = -1;
+    let firstSkip = 0;
+    if (write) {
+      let skip = 16;
+      for (let i = 0; i < c.readable; i++) {
+        const bl = c.len[i]!;
+        const k = Math.min(skip, bl);
+        skip -= k;
+        const n = bl - k;
+        if (n > sizeMax) return false;
+        if (n > 0) {
+          if (first < 0) {
+            first = i;
+            firstSkip = k;
+          }
+          segs++;
+        }
+      }
+    } else {
+      let left = c.writableLength - 1;
+      for (let i = c.readable; i < c.count && left > 0; i++) {
+        const n = Math.min(c.len[i]!, left);
+        if (n > sizeMax) return false;
+        if (n > 0) {
+          if (first < 0) first = i;
+          segs++;
+        }
+        left -= n;
+      }
+    }
+    if (segs > this.o.segMax) return false;
+    io.first = first < 0 ? c.count : first;
+    io.firstSkip = firstSkip;
+    io.segs = segs;
+    return true;
+  }
+
+  /** Data segments: count <= seg_max, each <= size_max (the asynchronous path's check). */
+  checkSegments(c: ChainBuf, isRead: boolean): boolean {
+    return this.dataSegments(c, !isRead, { chain: c, write: !isRead, pos: 0, bytes: 0, first: 0, firstSkip: 0, segs: 0 });
+  }
+
   /** GET_ID, DISCARD, WRITE_ZEROES and unknown types, synchronously (the I/O thread). */
-  private otherSync(c: DescriptorChain, type: number): { status: number; len: number } {
+  private otherSync(c: ChainBuf, type: number): { status: number; len: number } {
     const S = VIRTIO_BLK_S;
     const mem = this.ctx.memory;
     switch (type) {
@@ -276,7 +346,7 @@ export class BlkRequests {
       case VIRTIO_BLK_T.WRITE_ZEROES: {
         const seg = this.checkDiscard(c, type);
         if ('status' in seg) return seg;
-        const pos = Number(seg.sector) * SECTOR;
+        const pos = seg.sector * SECTOR;
         const len = seg.num * SECTOR;
         try {
           if (type === VIRTIO_BLK_T.WRITE_ZEROES) {
@@ -304,7 +374,7 @@ export class BlkRequests {
    * DISCARD / WRITE_ZEROES validation: feature negotiated, writable disk, exactly one 16-byte segment, flags,
    * range. Returns the segment or the status to complete with.
    */
-  checkDiscard(c: DescriptorChain, type: number): { sector: bigint; num: number } | { status: number; len: number } {
+  checkDiscard(c: ChainBuf, type: number): { sector: number; num: number } | { status: number; len: number } {
     const S = VIRTIO_BLK_S;
     const isWz = type === VIRTIO_BLK_T.WRITE_ZEROES;
     if (!this.ctx.hasFeature(isWz ? VIRTIO_BLK_F.WRITE_ZEROES : VIRTIO_BLK_F.DISCARD)) return { status: S.UNSUPP, len: 0 };
@@ -313,7 +383,9 @@ export class BlkRequests {
     if (outLen === 0 || outLen % 16 !== 0 || outLen / 16 > 1) return { status: S.IOERR, len: 0 };
     const seg = c.read(this.ctx.memory, 16, 16);
     const sv = new DataView(seg.buffer, seg.byteOffset, 16);
-    const sector = sv.getBigUint64(0, true);
+    const lo = sv.getUint32(0, true);
+    const hi = sv.getUint32(4, true);
+    const sector = hi < 0x20_0000 ? hi * 2 ** 32 + lo : -1;
     const num = sv.getUint32(8, true);
     const flags = sv.getUint32(12, true);
     if (flags & ~1 || (!isWz && flags & 1)) return { status: S.UNSUPP, len: 0 };
@@ -336,18 +408,23 @@ export class BlkRequests {
     }
   }
 
+  /** Step 2 for the group in `ios[0..k)`. */
+  private runGroup(k: number): void {
+    this.runGroupAt(0, k);
+  }
+
   /**
-   * Step 2: runs a group of IN or OUT requests that are adjacent on the disk (each starts where the previous
-   * one ended) as ONE preadv/pwritev over all their guest buffers — as QEMU merges sequential requests — and
-   * completes each. If the merged call fails, each request is retried alone so an error lands on its own
-   * request only.
+   * Step 2: runs the group of IN or OUT requests in `ios[from..from+k)`, adjacent on the disk (each starts where
+   * the previous one ended), as ONE preadv/pwritev over all their guest buffers — as QEMU merges sequential
+   * requests — and completes each. If the merged call fails, each request is retried alone so an error lands on
+   * its own request only. Pages filled by a read are recorded as written after the read (dirty log).
    */
-  private runGroup(group: SyncIo[]): void {
-    if (group.length === 0) return;
+  private runGroupAt(from: number, k: number): void {
+    if (k === 0) return;
     const S = VIRTIO_BLK_S;
     const mem = this.ctx.memory;
     const done = (io: SyncIo, ok: boolean) => {
-      if (io.marks) for (const m of io.marks) mem.markWritten(m.addr, m.len);
+      if (!io.write) this.markData(io);
       if (ok) {
         if (io.write) {
           this.stats.writes++;
@@ -359,44 +436,77 @@ export class BlkRequests {
       }
       this.complete(io.chain, ok ? S.OK : S.IOERR, ok && !io.write ? io.bytes : 0, false);
     };
-    const run = (ios: SyncIo[]) => {
-      const views = ios.length === 1 ? ios[0]!.views : ios.flatMap((io) => io.views);
+    const run = (a: number, b: number) => {
+      const views: Uint8Array[] = [];
+      for (let i = a; i < b; i++) this.dataViews(mem, this.ios[i]!, views);
+      const first = this.ios[a]!;
       this.withDirectFallback((fd) => {
-        if (ios[0]!.write) writevFullSync(fd, views, ios[0]!.pos);
-        else readvFullSync(fd, views, ios[0]!.pos);
+        if (first.write) writevFullSync(fd, views, first.pos);
+        else readvFullSync(fd, views, first.pos);
       });
     };
+    const end = from + k;
     try {
-      run(group);
-      for (const io of group) done(io, true);
+      run(from, end);
+      for (let i = from; i < end; i++) done(this.ios[i]!, true);
       return;
     } catch (e) {
-      if (group.length === 1) {
+      if (k === 1) {
         this.log.error({ err: e }, 'virtio-blk request failed');
-        done(group[0]!, false);
+        done(this.ios[from]!, false);
         return;
       }
     }
-    for (const io of group) {
+    for (let i = from; i < end; i++) {
       try {
-        run([io]);
-        done(io, true);
+        run(i, i + 1);
+        done(this.ios[i]!, true);
       } catch (e) {
         this.log.error({ err: e }, 'virtio-blk request failed');
-        done(io, false);
+        done(this.ios[i]!, false);
       }
     }
   }
 
+  /** Appends views of `io`'s data segments (read through view(): IN pages are marked after the read). */
+  private dataViews(mem: GuestMemory, io: SyncIo, out: Uint8Array[]): void {
+    const c = io.chain;
+    if (io.write) {
+      for (let i = io.first, skip = io.firstSkip; i < c.readable; i++, skip = 0) {
+        const n = c.len[i]! - skip;
+        if (n > 0) out.push(mem.view(c.addr[i]! + skip, n));
+      }
+    } else {
+      let left = io.bytes;
+      for (let i = io.first; i < c.count && left > 0; i++) {
+        const n = Math.min(c.len[i]!, left);
+        if (n > 0) out.push(mem.view(c.addr[i]!, n));
+        left -= n;
+      }
+    }
+  }
+
+  /** Records an IN request's data buffers as written (host dirty log). */
+  private markData(io: SyncIo): void {
+    const mem = this.ctx.memory;
+    const c = io.chain;
+    let left = io.bytes;
+    for (let i = io.first; i < c.count && left > 0; i++) {
+      const n = Math.min(c.len[i]!, left);
+      if (n > 0) mem.markWritten(c.addr[i]!, n);
+      left -= n;
+    }
+  }
+
   /** Writes the status byte (last writable byte), pushes the used element, signals (unless `signal` is false). */
-  complete(c: DescriptorChain, status: number, dataLen: number, signal: boolean): void {
+  complete(c: ChainBuf, status: number, dataLen: number, signal: boolean): void {
     if (this.closed || !c.valid || c.writableLength < 1) return;
     const ctx = this.ctx;
     const mem = ctx.memory;
     if (mem.isClosed) return;
     try {
       writeStatus(mem, c, status);
-      const vq = c.queue;
+      const vq = c.queue!;
       vq.pushUsed(c, dataLen + 1);
       if (signal) ctx.signalUsed(vq.index);
     } catch (e) {
@@ -406,33 +516,14 @@ export class BlkRequests {
     if (status === VIRTIO_BLK_S.UNSUPP) this.stats.unsupported++;
   }
 
-  /** Data segments: count <= seg_max, each <= size_max. */
-  checkSegments(c: DescriptorChain, isRead: boolean): boolean {
-    let segs = 0;
-    if (isRead) {
-      let left = c.writableLength - 1;
-      for (const b of c.writable) {
-        if (left <= 0) break;
-        const n = Math.min(b.len, left);
-        if (n > this.o.sizeMax) return false;
-        if (n > 0) segs++;
-        left -= n;
-      }
-    } else {
-      let skip = 16;
-      for (const b of c.readable) {
-        const n = b.len - Math.min(skip, b.len);
-        skip -= Math.min(skip, b.len);
-        if (n > this.o.sizeMax) return false;
-        if (n > 0) segs++;
-      }
-    }
-    return segs <= this.o.segMax;
+  /** [sector, sector + ceil(bytes/512)) lies on the disk (sector -1: not representable, refused). */
+  inRange(sector: number, bytes: number): boolean {
+    const cap = this.capacityN;
+    return sector >= 0 && sector <= cap && sector + Math.ceil(bytes / SECTOR) <= cap;
   }
 
-  inRange(sector: bigint, bytes: number): boolean {
-    const sectors = BigInt(Math.ceil(bytes / SECTOR));
-    return sector <= this.o.capacity && sector + sectors <= this.o.capacity;
+  private get capacityN(): number {
+    return Number(this.o.capacity);
   }
 
   /** Releases what this side opened (the buffered fallback fd; the image fd belongs to VirtioBlk). */
@@ -450,11 +541,11 @@ export class BlkRequests {
 }
 
 /** Writes the status byte: the chain's last writable byte (the caller checked writableLength >= 1). */
-function writeStatus(mem: GuestMemory, c: DescriptorChain, status: number): void {
-  for (let i = c.writable.length - 1; i >= 0; i--) {
-    const b = c.writable[i]!;
-    if (b.len > 0) {
-      const at = b.addr + BigInt(b.len - 1);
+function writeStatus(mem: GuestMemory, c: ChainBuf, status: number): void {
+  for (let i = c.count - 1; i >= c.readable; i--) {
+    const bl = c.len[i]!;
+    if (bl > 0) {
+      const at = c.addr[i]! + bl - 1;
       mem.view(at, 1)[0] = status;
       mem.markWritten(at, 1); // after the write: a dirty-log take in between cannot lose it
       return;
