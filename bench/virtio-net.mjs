@@ -4,7 +4,7 @@
 // on `-netdev tap,...,vhost=off`, virtio-rng-device; virtio-mmio v2), same ELF, in ONE run. Prints packets/s, host
 // CPU seconds per GiB of UDP payload and rng bytes/s with ratios kvmkit/QEMU, writes bench/results/virtio-net.json.
 //   node bench/virtio-net.mjs [--rounds R] [--tx-count N] [--rx-count N] [--batch B] [--rng-bytes B] [--elf path]
-//                             [--baseline-root DIR]
+//                             [--baseline-root DIR] [--cpu-prof DIR]
 // --baseline-root: a tree whose plugins/virtio-net and plugins/virtio-rng dist (e.g. an older commit's) run as a
 // third peer, `kvmkit-base`, in the same rotation (its packages/ may be a symlink to this checkout's).
 //
@@ -75,6 +75,7 @@ const { values } = parseArgs({
     'rng-bytes': { type: 'string', default: String(256 << 10) },
     elf: { type: 'string' },
     'baseline-root': { type: 'string' },
+    'cpu-prof': { type: 'string' },
   },
 });
 const R = Number(values.rounds);
@@ -221,6 +222,8 @@ function nsHelper(args) {
 }
 
 const BASE = values['baseline-root'];
+// --cpu-prof DIR: each kvmkit child runs under `node --cpu-prof` (one .cpuprofile per process and thread in DIR).
+const nodeArgs = values['cpu-prof'] ? ['--cpu-prof', `--cpu-prof-dir=${values['cpu-prof']}`] : [];
 if (BASE && !existsSync(join(BASE, 'plugins/virtio-net/dist/index.js'))) throw new Error(`--baseline-root ${BASE}: plugins/virtio-net/dist/index.js is missing`);
 const rootOf = (peer) => (peer === 'kvmkit-base' ? { root: BASE } : {});
 let tapSeq = 0;
@@ -241,7 +244,7 @@ async function runCase(c, peer) {
   if (c.kind === 'rng') {
     const [cmd, args] =
       peer.startsWith('kvmkit')
-        ? [process.execPath, [fileURLToPath(import.meta.url), '--child', JSON.stringify({ cmdline: c.cmdline, elf, timeoutMs: 60_000, ...rootOf(peer) })]]
+        ? [process.execPath, [...nodeArgs, fileURLToPath(import.meta.url), '--child', JSON.stringify({ cmdline: c.cmdline, elf, timeoutMs: 60_000, ...rootOf(peer) })]]
         : [qemu, [...qemuProbeArgs(elf, c.cmdline), '-global', 'virtio-mmio.force-legacy=false', '-device', 'virtio-rng-device']];
     const s = await runVmm(cmd, args, { devLine: 'PROBE rng_dev', resultLine: 'PROBE rng bytes', timeoutMs: 90_000 });
     const secs = Number(s.f.cycles) / (Number(s.f.tsc_khz) * 1000);
@@ -252,7 +255,7 @@ async function runCase(c, peer) {
   let cmd;
   let args;
   if (peer.startsWith('kvmkit')) {
-    [cmd, args] = [process.execPath, [fileURLToPath(import.meta.url), '--child', JSON.stringify({ cmdline: c.cmdline, elf, timeoutMs: 120_000, net: n, ...rootOf(peer) })]];
+    [cmd, args] = [process.execPath, [...nodeArgs, fileURLToPath(import.meta.url), '--child', JSON.stringify({ cmdline: c.cmdline, elf, timeoutMs: 120_000, net: n, ...rootOf(peer) })]];
   } else {
     ipc('-n', NS, 'tuntap', 'add', 'dev', tap, 'mode', 'tap', 'vnet_hdr');
     setupTap(ipc, n);
