@@ -242,6 +242,26 @@ describe('virtio I/O thread (fake VM, real eventfds)', () => {
     expect(dev.processed).toBe(1);
   });
 
+  it('a worker that cannot load its module: logged, the queues are served on the main thread (after a reset)', async () => {
+    const mem = sharedMemory();
+    class Broken extends EchoDevice {
+      override ioThread(): IoThreadSpec {
+        return { module: new URL('./no-such-module.js', import.meta.url).href };
+      }
+    }
+    const dev = new Broken([8, 16]);
+    const t = new VirtioMmioTransport(dev, { memory: mem, log: silentLogger() });
+    t.attachKvm(fakeVm, 0xd0000000n, 5);
+    open.push(t);
+    await until(() => t.ioThread === undefined, 5000, 'the thread to die');
+    const drv = new VirtioTestDriver(t, mem, 0x1000n);
+    drv.init();
+    addEcho(drv, 0, 3);
+    drv.kick(0);
+    await until(() => usedIdx(mem, drv, 0) === 1, 5000, 'main-thread completion');
+    expect(dev.processed).toBe(1);
+  });
+
   it('a device error thrown in the worker is contained (NEEDS_RESET, logged, thread alive)', async () => {
     const { t, drv } = setup({ data: { throwOn: 0x66 } });
     drv.init();
