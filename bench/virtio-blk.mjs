@@ -4,7 +4,9 @@
 // in tmpfs (/dev/shm), in ONE run: sequential read and write, 4 KiB and 64 KiB requests. Prints MiB/s and host
 // CPU time per GiB with ratios kvmkit/QEMU, and writes bench/results/virtio-blk.json.
 //   node bench/virtio-blk.mjs [--rounds R] [--depth D] [--disk-mib M] [--bytes-4k B] [--bytes-64k B]
-//                             [--qemu-cache writeback|none] [--no-async] [--no-main] [--poll-us N] [--elf path]
+//                             [--qemu-cache writeback|none] [--no-async] [--no-main] [--poll-us N] [--baseline-root DIR] [--elf path]
+// --baseline-root: a tree whose plugins/virtio-blk dist (e.g. an older commit's, with its own @kvmkit/virtio in its
+// node_modules, and this tree's kernel) runs with default options as `kvmkit-base` in the same rotation.
 //
 // Peers: kvmkit (default options: the disk's I/O thread serves the queue; --poll-us sets its busy-poll window),
 // kvmkit-main (ioThread: false: tmpfs image → synchronous I/O on the main thread, the default before the I/O
@@ -37,7 +39,8 @@ if (process.argv[2] === '--child') {
   const { default: bootLinux } = await imp('plugins/boot-linux/dist/index.js');
   const { default: serial } = await imp('plugins/serial/dist/index.js');
   const { default: platformPc } = await imp('plugins/platform-pc/dist/index.js');
-  const { default: virtioBlk } = await imp('plugins/virtio-blk/dist/index.js');
+  // --baseline-root: another build's plugins/virtio-blk (and, through its node_modules, its @kvmkit/virtio).
+  const { default: virtioBlk } = await import(pathToFileURL(join(o.root ?? root, 'plugins/virtio-blk/dist/index.js')).href);
   const m = new Machine({
     config: { name: 'bench-blk', memory: 64, cpus: 1, cmdline: o.cmdline },
     plugins: [virtioBlk({ path: o.image, ...(o.syncIo === undefined ? {} : { syncIo: o.syncIo }), ...(o.ioThread === undefined ? {} : { ioThread: o.ioThread }), ...(o.pollUs === undefined ? {} : { pollUs: o.pollUs }) }), platformPc(), serial({ console: false, output: 'stdout' }), bootLinux({ kernel: o.elf })],
@@ -63,6 +66,7 @@ const { values } = parseArgs({
     'no-async': { type: 'boolean', default: false },
     'no-main': { type: 'boolean', default: false },
     'poll-us': { type: 'string' },
+    'baseline-root': { type: 'string' },
     elf: { type: 'string' },
   },
 });
@@ -165,11 +169,14 @@ function runVmm(cmd, args, timeoutMs) {
 }
 
 const POLL_US = values['poll-us'] === undefined ? undefined : Number(values['poll-us']);
+const BASE = values['baseline-root'];
+if (BASE && !existsSync(join(BASE, 'plugins/virtio-blk/dist/index.js'))) throw new Error(`--baseline-root ${BASE}: plugins/virtio-blk/dist/index.js is missing`);
 const child = (cmdline, extra) => [process.execPath, [fileURLToPath(import.meta.url), '--child', JSON.stringify({ cmdline, image, elf, timeoutMs: 120_000, ...extra })]];
 const peers = {
   kvmkit: (cmdline) => child(cmdline, POLL_US === undefined ? {} : { pollUs: POLL_US }),
   'kvmkit-main': (cmdline) => child(cmdline, { ioThread: false }),
   'kvmkit-async': (cmdline) => child(cmdline, { ioThread: false, syncIo: false }),
+  ...(BASE ? { 'kvmkit-base': (cmdline) => child(cmdline, { root: BASE }) } : {}),
   qemu: (cmdline) => [
     qemu,
     [
@@ -189,7 +196,7 @@ const cases = [];
 for (const req of [4096, 65536]) for (const mode of ['read', 'write']) cases.push({ mode, req, bytes: Number(req === 4096 ? values['bytes-4k'] : values['bytes-64k']) });
 
 const load = () => loadavg().map((x) => +x.toFixed(2));
-const results = { date: new Date().toISOString(), rounds: R, depth: DEPTH, diskBytes: DISK, qemuCache: QCACHE, elf, commands: {}, loadBefore: load(), samples: {} };
+const results = { date: new Date().toISOString(), rounds: R, depth: DEPTH, diskBytes: DISK, qemuCache: QCACHE, elf, baselineRoot: BASE, pollUs: POLL_US, commands: {}, loadBefore: load(), samples: {} };
 for (const c of cases) {
   const key = `${c.mode} ${c.req / 1024}k`;
   const cmdline = `probe.test=blkbench probe.blk.mode=${c.mode} probe.blk.req=${c.req} probe.blk.bytes=${c.bytes} probe.blk.depth=${DEPTH}`;
