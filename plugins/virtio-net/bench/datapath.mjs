@@ -3,13 +3,15 @@
 // VirtioMmioTransport) on mmap'd "guest" RAM, a host-side driver that keeps the rings full, a real TAP in a
 // throwaway network namespace. Measures main-thread time per packet, which is what bounds the VMM's packet rate.
 //   node plugins/virtio-net/bench/datapath.mjs [--count N] [--rounds R] [--sizes 64,1400] [--modes tx,rx]
+//                                           [--plugin-root DIR]
 // tx: the driver refills all 256 TX chains (one 12 + frame descriptor each, like Linux and the probe guest) and
 //     notifies; the frames are UDP datagrams to a socket in the namespace that is bound and never read (the kernel
 //     drops them after the TAP write, as in bench/virtio-net.mjs).
 // rx: a C sender (sendmmsg) first queues the datagrams in the TAP (txqueuelen above the count); the driver posts
 //     2 KiB buffers (like the probe guest) and notifies until a block is delivered.
-// Blocks of 4096 packets through the device alternate with blocks of bare write(2)/read(2) calls on the same TAP,
-// frames and (tx) guest buffers, so both see the same host load: "overhead" = device - bare is the device's own
+// Blocks of 2048 packets through the device alternate with blocks of bare write(2)/read(2) calls on the same TAP,
+// frames and (tx) guest buffers, so both see the same host load; medians over blocks. "overhead" = device - bare (per block
+// pair) is the device's own
 // cost per packet (rings, JS, koffi), the part this plugin can cut; "bare" is the kernel's TAP cost plus one koffi call.
 // Needs root, /dev/net/tun, `ip`, gcc; build first (npx tsc -b plugins/virtio-net).
 import { execFileSync, spawn } from 'node:child_process';
@@ -23,7 +25,6 @@ const root = join(dirname(fileURLToPath(import.meta.url)), '../../..');
 const imp = (p) => import(pathToFileURL(join(root, p)).href);
 const { GuestMemory, ffi, silentLogger } = await imp('packages/kernel/dist/index.js');
 const { VirtioMmioTransport, VirtioTestDriver, VIRTIO_F, bit } = await imp('packages/virtio/dist/index.js');
-const { Tap, VirtioNet, VIRTIO_NET_F, RXQ, TXQ, parseMac } = await imp('plugins/virtio-net/dist/index.js');
 
 const { values } = parseArgs({
   options: {
@@ -31,8 +32,12 @@ const { values } = parseArgs({
     rounds: { type: 'string', default: '3' },
     sizes: { type: 'string', default: '64,1400' },
     modes: { type: 'string', default: 'tx,rx' },
+    'plugin-root': { type: 'string' },
   },
 });
+// --plugin-root DIR: another build's plugins/virtio-net/dist (e.g. an older commit's, for an A/B on one host)
+const pluginRoot = values['plugin-root'] ?? root;
+const { Tap, VirtioNet, VIRTIO_NET_F, RXQ, TXQ, parseMac } = await import(pathToFileURL(join(pluginRoot, 'plugins/virtio-net/dist/index.js')).href);
 const N = Number(values.count);
 const R = Number(values.rounds);
 const SIZES = values.sizes.split(',').map(Number);
@@ -202,7 +207,7 @@ function ring(n, q, len, write, fill) {
   };
 }
 
-const BLOCK = 4096;
+const BLOCK = 2048;
 
 async function tx(size) {
   const n = nic();
@@ -232,23 +237,20 @@ async function tx(size) {
     };
     device(BLOCK);
     floor(BLOCK);
-    let tDev = 0;
-    let tBare = 0;
-    let done = 0;
+    const blocks = [];
     // alternate blocks so both see the same host load
-    while (done < N) {
+    for (let done = 0; done < N; done += BLOCK) {
       let t = process.hrtime.bigint();
       device(BLOCK);
-      tDev += Number(process.hrtime.bigint() - t);
+      const d = Number(process.hrtime.bigint() - t) / BLOCK;
       t = process.hrtime.bigint();
       floor(BLOCK);
-      tBare += Number(process.hrtime.bigint() - t);
-      done += BLOCK;
+      blocks.push([d, Number(process.hrtime.bigint() - t) / BLOCK]);
     }
     const got = n.tapStats().rx.packets - before;
     if (n.dev.stats.txDropped) throw new Error(`tx dropped ${n.dev.stats.txDropped}`);
     if (got < sent + bare) throw new Error(`TAP saw ${got} of ${sent + bare} frames`);
-    return { ns: tDev / done, floor: tBare / done };
+    return blocks;
   } finally {
     sink.p.kill('SIGKILL');
     await n.close();
@@ -290,41 +292,40 @@ async function rx(size) {
         if (k !== want) throw new Error(`bare read returned ${k}`);
       }
     };
-    let tDev = 0;
-    let tBare = 0;
+    const blocks = [];
     for (let done = 0; done < half; done += BLOCK) {
       let t = process.hrtime.bigint();
       device(BLOCK);
-      tDev += Number(process.hrtime.bigint() - t);
+      const d = Number(process.hrtime.bigint() - t) / BLOCK;
       t = process.hrtime.bigint();
       floor(BLOCK);
-      tBare += Number(process.hrtime.bigint() - t);
+      blocks.push([d, Number(process.hrtime.bigint() - t) / BLOCK]);
     }
     if (r.usedLen(r.usedIdx() - 1) !== want) throw new Error(`used len ${r.usedLen(r.usedIdx() - 1)} != ${want}`);
     if (n.dev.stats.rxDropped) throw new Error(`rx dropped ${n.dev.stats.rxDropped}`);
-    return { ns: tDev / half, floor: tBare / half };
+    return blocks;
   } finally {
     await n.close();
   }
 }
 
 const out = {};
+const med = (a) => [...a].sort((x, y) => x - y)[a.length >> 1];
 for (let round = 0; round < R; round++) {
   for (const mode of MODES) {
     for (const size of SIZES) {
       const k = `${mode} ${size} B`;
-      const { ns, floor } = mode === 'tx' ? await tx(size) : await rx(size);
-      (out[k] ??= []).push([ns, floor]);
-      process.stderr.write(`${k}: ${ns.toFixed(0)} ns/packet, bare ${mode === 'tx' ? 'write' : 'read'}(2) ${floor.toFixed(0)} ns\n`);
+      const blocks = mode === 'tx' ? await tx(size) : await rx(size);
+      (out[k] ??= []).push(...blocks);
+      process.stderr.write(`${k}: device ${med(blocks.map((b) => b[0])).toFixed(0)} ns/packet, bare ${mode === 'tx' ? 'write' : 'read'}(2) ${med(blocks.map((b) => b[1])).toFixed(0)} ns (block medians)\n`);
     }
   }
 }
-const med = (a) => [...a].sort((x, y) => x - y)[a.length >> 1];
-console.log(`virtio-net data path, host only, ${N} packets per run (rx: ${N / 2}), median of ${R}; device = whole data path, bare = read/write(2) alone, overhead = device - bare (paired per run):`);
+console.log(`virtio-net data path, host only, ${N} packets per run (rx: ${N / 2}), ${R} round(s); medians over blocks of ${BLOCK}: device = whole data path, bare = read/write(2) alone, overhead = device - bare of the same block pair:`);
 for (const [k, v] of Object.entries(out)) {
   const d = med(v.map((x) => x[0]));
   const b = med(v.map((x) => x[1]));
   const o = med(v.map((x) => x[0] - x[1]));
-  console.log(`${k.padEnd(12)} device ${d.toFixed(0).padStart(5)} ns/packet   bare ${b.toFixed(0).padStart(5)} ns   overhead ${o.toFixed(0).padStart(5)} ns   (device: ${v.map((x) => x[0].toFixed(0)).join(' ')})`);
+  console.log(`${k.padEnd(12)} device ${d.toFixed(0).padStart(5)} ns/packet   bare ${b.toFixed(0).padStart(5)} ns   overhead ${o.toFixed(0).padStart(5)} ns   (${v.length} block pairs)`);
 }
 process.exit(0);

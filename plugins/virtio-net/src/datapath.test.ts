@@ -8,7 +8,7 @@
 import { describe, it, expect, beforeAll, afterAll } from 'vitest';
 import { execFileSync, spawnSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { GuestMemory, silentLogger } from '@kvmkit/kernel';
+import { GuestMemory, ffi, silentLogger } from '@kvmkit/kernel';
 import { VirtioMmioTransport, VirtioTestDriver, VIRTQ_USED_F_NO_NOTIFY, bit, VIRTIO_F } from '@kvmkit/virtio';
 import { Tap, VirtioNet, VIRTIO_NET_F, RXQ, TXQ, TURN_CHAINS, MAX_FRAME, VNET_HDR_SIZE, parseMac } from './index.js';
 
@@ -37,14 +37,28 @@ afterAll(() => {
   if (ok) ip('netns', 'del', NS);
 });
 
-async function nic(queueSize: number) {
+/**
+ * Guest RAM for a test NIC: 'anonymous' = GuestMemory.anonymous (no host addresses: the device copies and uses
+ * read/write), 'mmap' = an mmap'd region like a real VM's (the device readv/writev's guest buffers directly).
+ */
+type MemKind = 'anonymous' | 'mmap';
+const MEM = 32 << 20;
+function guestMemory(kind: MemKind): { mem: GuestMemory; release(): void } {
+  if (kind === 'anonymous') return { mem: GuestMemory.anonymous(MEM), release() {} };
+  const hva = ffi.mmap(MEM, ffi.PROT_READ | ffi.PROT_WRITE, ffi.MAP_PRIVATE | ffi.MAP_ANONYMOUS | ffi.MAP_NORESERVE);
+  // slot 0: host write tracking can be turned on for it (no KVM involved)
+  const mem = new GuestMemory([{ gpa: 0n, size: MEM, bytes: new Uint8Array(ffi.viewOf(hva, MEM)), hva, slot: 0, name: 'ram' }]);
+  return { mem, release: () => ffi.munmap(hva, MEM) };
+}
+
+async function nic(queueSize: number, kind: MemKind = 'anonymous') {
   const tap = Tap.open(`kvd${process.pid % 100000}`);
   ip('link', 'set', tap.name, 'netns', NS);
   ip('-n', NS, 'addr', 'add', `${HOST}/24`, 'dev', tap.name);
   ip('-n', NS, 'link', 'set', tap.name, 'up');
   ip('-n', NS, 'neigh', 'replace', GUEST, 'lladdr', MAC, 'dev', tap.name, 'nud', 'permanent');
   const dev = new VirtioNet(tap, { mac: parseMac(MAC), queueSize, offload: false, log: silentLogger() });
-  const mem = GuestMemory.anonymous(32 << 20);
+  const { mem, release } = guestMemory(kind);
   let irqs = 0;
   const t = new VirtioMmioTransport(dev, { memory: mem, raiseIrq: () => irqs++ });
   const drv = new VirtioTestDriver(t, mem, 0x1000n);
@@ -53,7 +67,11 @@ async function nic(queueSize: number) {
   const tapRx = () => (JSON.parse(ip('-n', NS, '-s', '-j', 'link', 'show', tap.name))[0].stats64.rx.packets as number);
   /** ICMP echo requests of `size` payload bytes from the namespace to the guest (never answered). */
   const ping = (count: number, size: number) => spawnSync('ip', ['netns', 'exec', NS, 'ping', '-n', '-q', '-c', String(count), '-i', '0.01', '-s', String(size), '-W', '0.1', GUEST], { stdio: 'ignore' });
-  return { tap, dev, mem, t, drv, tapRx, ping, irqs: () => irqs };
+  const close = async () => {
+    await t.close();
+    release();
+  };
+  return { tap, dev, mem, t, drv, tapRx, ping, irqs: () => irqs, close };
 }
 
 /** A 60-byte broadcast frame (ethertype 0x88b5, local experimental) behind a zero vnet header. */
@@ -68,10 +86,40 @@ function frame(i: number): Buffer {
 
 const turn = () => new Promise((r) => setImmediate(r));
 
-describe('virtio-net data path (TAP in a test network namespace)', () => {
+function csum(b: Uint8Array): number {
+  let s = 0;
+  for (let i = 0; i < b.length; i += 2) s += (b[i]! << 8) | (b[i + 1] ?? 0);
+  while (s >> 16) s = (s & 0xffff) + (s >> 16);
+  return ~s & 0xffff;
+}
+
+/** vnet header (zero) + an ICMP echo request GUEST → HOST with `size` payload bytes (pattern i & 255). */
+function echoRequest(dstMac: number[], id: number, size: number): Buffer {
+  const f = Buffer.alloc(12 + 14 + 20 + 8 + size);
+  f.set(dstMac, 12);
+  f.set(parseMac(MAC), 18);
+  f.writeUInt16BE(0x0800, 24);
+  const ip4 = f.subarray(26, 46);
+  ip4[0] = 0x45;
+  ip4.writeUInt16BE(20 + 8 + size, 2);
+  ip4[8] = 64;
+  ip4[9] = 1;
+  ip4.set(GUEST.split('.').map(Number), 12);
+  ip4.set(HOST.split('.').map(Number), 16);
+  ip4.writeUInt16BE(csum(ip4), 10);
+  const icmp = f.subarray(46);
+  icmp[0] = 8;
+  icmp.writeUInt16BE(id, 4);
+  icmp.writeUInt16BE(1, 6);
+  for (let i = 0; i < size; i++) icmp[8 + i] = i & 255;
+  icmp.writeUInt16BE(csum(icmp), 2);
+  return f;
+}
+
+describe.each(['anonymous', 'mmap'] as const)('virtio-net data path (TAP in a test network namespace), %s guest RAM', (kind) => {
   it('TX: a ring fuller than one turn completes over two turns, one interrupt each; NO_NOTIFY only while serving; scattered chains gathered', async (ctx) => {
     if (!ok) ctx.skip();
-    const n = await nic(512);
+    const n = await nic(512, kind);
     try {
       const before = n.tapRx();
       const total = TURN_CHAINS + 44;
@@ -102,13 +150,13 @@ describe('virtio-net data path (TAP in a test network namespace)', () => {
       expect(n.drv.takeUsed(TXQ)).toHaveLength(1);
       expect(n.dev.stats.txDropped).toBe(1);
     } finally {
-      await n.t.close();
+      await n.close();
     }
   });
 
   it('RX: straight into one-buffer chains that hold any frame, copy into smaller ones, len 0 for a frame longer than the buffer, copy into scattered chains; an empty TAP consumes no chain', async (ctx) => {
     if (!ok) ctx.skip();
-    const n = await nic(64);
+    const n = await nic(64, kind);
     try {
       const q = n.t.queues[RXQ]!;
       const posted = new Map<number, bigint[]>();
@@ -174,7 +222,58 @@ describe('virtio-net data path (TAP in a test network namespace)', () => {
       expect(n.dev.stats.rxPackets).toBe(6);
       expect(q.lastAvail).toBe(7);
     } finally {
-      await n.t.close();
+      await n.close();
+    }
+  });
+
+  it('TX of a chain in 5 pieces (header split 6 + 6) reaches the host intact: its echo reply comes back into a split-header RX chain (num_buffers across buffers), RX writes dirty-tracked', async (ctx) => {
+    if (!ok) ctx.skip();
+    const n = await nic(64, kind);
+    try {
+      const hostMac = (JSON.parse(ip('-n', NS, '-j', 'link', 'show', n.tap.name))[0].address as string).split(':').map((x) => parseInt(x, 16));
+      const req = echoRequest(hostMac, 0x4b4b, 700);
+      // RX: header split over two 6-byte buffers, then the frame
+      const { head: rxHead, addrs: rxAddrs } = n.drv.add(RXQ, [
+        { len: 6, write: true },
+        { len: 6, write: true },
+        { len: 2048, write: true, addr: 0x100_0000n }, // a page of its own
+      ]);
+      n.drv.kick(RXQ);
+      const slot = n.mem.regions[0]!.slot;
+      n.mem.setHostTracking(slot, true);
+      n.mem.takeHostDirty(slot);
+      // TX: 6 + 6 + 100 + 500 + rest
+      const cuts = [0, 6, 12, 112, 612, req.length];
+      n.drv.add(
+        TXQ,
+        cuts.slice(1).map((end, i) => ({ len: end - cuts[i]!, data: req.subarray(cuts[i]!, end) })),
+      );
+      n.drv.kick(TXQ);
+      expect(n.drv.takeUsed(TXQ)).toEqual([{ id: expect.any(Number), len: 0 }]);
+      expect(n.dev.stats.txPackets).toBe(1);
+      expect(n.dev.stats.txBytes).toBe(req.length - 12);
+      let used: { id: number; len: number }[] = [];
+      for (let i = 0; i < 100 && used.length === 0; i++) {
+        await new Promise((r) => setTimeout(r, 10));
+        used = n.drv.takeUsed(RXQ);
+      }
+      expect(used).toEqual([{ id: rxHead, len: req.length }]);
+      const hdr = Buffer.concat([n.mem.read(rxAddrs[0]!, 6), n.mem.read(rxAddrs[1]!, 6)]);
+      expect(hdr.readUInt16LE(10)).toBe(1); // num_buffers, in the second buffer
+      const reply = Buffer.from(n.mem.read(rxAddrs[2]!, req.length - 12));
+      expect(reply.subarray(0, 6)).toEqual(Buffer.from(parseMac(MAC)));
+      expect(reply[14 + 20]).toBe(0); // echo reply
+      expect(reply.readUInt16BE(14 + 20 + 4)).toBe(0x4b4b);
+      expect(reply.subarray(14 + 28)).toEqual(req.subarray(12 + 14 + 28)); // payload intact both ways
+      // the pages of the buffers the frame went into count as written (dirty log for migration)
+      const bm = n.mem.takeHostDirty(slot)!;
+      for (const a of rxAddrs) {
+        const p = Number(a) >> 12;
+        expect(bm[p >> 3]! & (1 << (p & 7))).not.toBe(0);
+      }
+      n.mem.setHostTracking(slot, false);
+    } finally {
+      await n.close();
     }
   });
 });

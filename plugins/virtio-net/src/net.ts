@@ -1,5 +1,5 @@
-import { KvmkitError, watchFd, type FdWatch, type Logger } from '@kvmkit/kernel';
-import { VIRTIO_ID, VirtioDevice, bit, type DescriptorChain, type Virtqueue } from '@kvmkit/virtio';
+import { KvmkitError, ffi, watchFd, type FdWatch, type GuestMemory, type Logger } from '@kvmkit/kernel';
+import { ChainBuf, VIRTIO_ID, VirtioDevice, bit, type DescriptorChain } from '@kvmkit/virtio';
 import { TUN, VNET_HDR_SIZE, type Tap } from './tap.js';
 
 /** virtio-net feature bits (§5.1.3). */
@@ -30,6 +30,11 @@ export const RXQ = 0;
 export const TXQ = 1;
 /** Most chains one queue serves per event-loop turn (then TX continues from a macrotask, RX on the next poll). */
 export const TURN_CHAINS = 256;
+/** Most iovecs one TAP readv/writev takes (UIO_MAXIOV); a chain with more buffers goes through the bounce buffer. */
+export const IOV_MAX = 1024;
+const TWO32 = 4294967296;
+/** num_buffers = 1 (le16), written at offset 10 of every RX header (no MRG_RXBUF: one chain per frame). */
+const NUM_BUFFERS_1 = Uint8Array.of(1, 0);
 
 export interface NetStats {
   rxPackets: number;
@@ -58,14 +63,33 @@ export interface VirtioNetDeviceOptions {
  * With a multi-queue TAP this fd's queue is attached only once the device first runs (DRIVER_OK, not paused)
  * and detached on reset, so a migration destination holding the same TAP takes no frames before it runs.
  */
+/** Host write tracking for `len` bytes the kernel wrote into chain `c`'s writable buffers (readv bypasses GuestMemory). */
+function markWritten(mem: GuestMemory, c: DescriptorChain, len: number): void {
+  for (const b of c.writable) {
+    if (len <= 0) break;
+    const n = Math.min(len, b.len);
+    mem.markWritten(b.addr, n);
+    len -= n;
+  }
+}
+
 export class VirtioNet extends VirtioDevice {
   readonly deviceId = VIRTIO_ID.NET;
   readonly name = 'virtio-net';
   readonly queueSizes: number[];
   readonly features: bigint;
   readonly stats: NetStats = { rxPackets: 0, rxBytes: 0, rxDropped: 0, txPackets: 0, txBytes: 0, txDropped: 0 };
+  /** Host buffer for copied RX frames, and the spill iovec behind a chain's buffers in readv (sees truncation). */
   private readonly rxBuf = Buffer.alloc(VNET_HDR_SIZE + MAX_FRAME);
   private readonly txBuf = Buffer.alloc(VNET_HDR_SIZE + MAX_FRAME);
+  /** The TX chain being sent (reused: popInto fills it, no allocation per packet). */
+  private readonly txChain = new ChainBuf(4);
+  /** [host address, length] pairs for readv/writev; written as 32-bit halves (no BigInt per packet; x86-64 is little endian). */
+  private readonly iov = new BigUint64Array(2 * (IOV_MAX + 1));
+  private readonly iov32 = new Uint32Array(this.iov.buffer);
+  private rxSpill = -1;
+  /** Whether guest RAM has host addresses (a real VM; not GuestMemory.anonymous): then readv/writev on guest buffers. */
+  private hostIo: boolean | undefined;
   private txRekick = false;
   private held: Buffer | undefined;
   private watch: FdWatch | undefined;
@@ -139,6 +163,24 @@ export class VirtioNet extends VirtioDevice {
     return o;
   }
 
+  /** [host address, length] as iovec `i` (addresses are below 2^53: exact as a Number). */
+  private setIov(i: number, addr: number, len: number): void {
+    const v = this.iov32;
+    v[4 * i] = addr >>> 0;
+    v[4 * i + 1] = (addr / TWO32) >>> 0;
+    v[4 * i + 2] = len;
+    v[4 * i + 3] = 0;
+  }
+
+  private useHostIo(mem: GuestMemory): boolean {
+    if (this.hostIo === undefined) {
+      this.hostIo = mem.regions.length > 0 && mem.regions.every((r) => r.hva !== 0n);
+      // SAFETY: rxBuf is a Buffer owned by this device for its whole life (Node never moves a Buffer's bytes).
+      this.rxSpill = Number(ffi.bufferAddress(this.rxBuf));
+    }
+    return this.hostIo;
+  }
+
   override activate(): void {
     const o = this.offloadFlags();
     const r = this.tap.setOffload(o);
@@ -178,11 +220,11 @@ export class VirtioNet extends VirtioDevice {
     if (!vq.ready) return;
     let done = 0;
     let more = false;
+    const c = this.txChain;
     try {
       vq.suppressNotifications(true);
       for (;;) {
-        const c = vq.pop();
-        if (!c) {
+        if (!vq.popInto(c)) {
           vq.suppressNotifications(false);
           if (vq.pending() === 0) break;
           vq.suppressNotifications(true);
@@ -202,24 +244,33 @@ export class VirtioNet extends VirtioDevice {
     if (more) this.rekickTx();
   }
 
-  /** One TX chain (vnet header + frame) → one write(2): straight from guest memory when it is one buffer. */
-  private sendChain(c: DescriptorChain): void {
+  /**
+   * One TX chain (vnet header + frame) → one write(2) straight from guest memory when it is one buffer (the usual
+   * layout), else one writev(2) straight from its buffers (up to IOV_MAX); without host addresses (unit-test memory)
+   * or with more buffers, a gather into the reusable bounce buffer. (writev of one buffer costs more in the kernel
+   * than write: measured 0.15-0.3 µs per frame on a TAP here.)
+   */
+  private sendChain(c: ChainBuf): void {
     const n = c.readableLength;
     if (n < VNET_HDR_SIZE || n > VNET_HDR_SIZE + MAX_FRAME || !this.linkUp) {
       this.stats.txDropped++;
       return;
     }
     const mem = this.ctx.memory;
-    const bufs = c.readable;
+    const cnt = c.readable;
     let r: number;
-    if (bufs.length === 1) {
-      r = this.tap.write(mem.view(bufs[0]!.addr, n));
+    if (cnt === 1) {
+      r = this.tap.write(mem.view(c.addr[0]!, n));
+    } else if (cnt <= IOV_MAX && this.useHostIo(mem)) {
+      for (let i = 0; i < cnt; i++) this.setIov(i, mem.hostAddress(c.addr[i]!, c.len[i]!), c.len[i]!);
+      // SAFETY: the iovecs lie in guest RAM (bounds-checked by hostAddress), mapped until the machine stops.
+      r = this.tap.writev(this.iov, cnt);
     } else {
-      // Scattered: gather into the reusable bounce buffer (one copy, no allocation).
+      // Gather into the reusable bounce buffer (one copy, no allocation).
       let pos = 0;
-      for (const b of bufs) {
-        this.txBuf.set(mem.view(b.addr, b.len), pos);
-        pos += b.len;
+      for (let i = 0; i < cnt; i++) {
+        this.txBuf.set(mem.view(c.addr[i]!, c.len[i]!), pos);
+        pos += c.len[i]!;
       }
       r = this.tap.write(this.txBuf.subarray(0, n));
     }
@@ -284,7 +335,36 @@ export class VirtioNet extends VirtioDevice {
         }
         const w = c.writable;
         let r: number;
-        if (w.length === 1 && w[0]!.len >= VNET_HDR_SIZE + MAX_FRAME && this.linkUp) {
+        if (this.linkUp && w.length < IOV_MAX && this.useHostIo(mem)) {
+          // readv(2) straight into the chain's buffers, then the spill buffer: a frame longer than the chain runs
+          // into the spill (r > writableLength) instead of being truncated silently.
+          const cnt = w.length;
+          for (let i = 0; i < cnt; i++) {
+            const b = w[i]!;
+            this.setIov(i, mem.hostAddress(b.addr, b.len), b.len);
+          }
+          this.setIov(cnt, this.rxSpill, this.rxBuf.length);
+          // SAFETY: guest buffers bounds-checked by hostAddress (mapped until the machine stops); rxBuf lives with us.
+          r = this.tap.readv(this.iov, cnt + 1);
+          if (r >= VNET_HDR_SIZE) {
+            const wl = c.writableLength;
+            markWritten(mem, c, Math.min(r, wl));
+            if (r <= wl) {
+              // num_buffers (offset 10) = 1 (the TAP leaves those 2 bytes of the 12-byte header alone)
+              if (w[0]!.len >= VNET_HDR_SIZE) mem.writeU16(Number(w[0]!.addr) + 10, 1);
+              else c.write(mem, NUM_BUFFERS_1, 10);
+              vq.pushUsed(c, r);
+              this.stats.rxPackets++;
+              this.stats.rxBytes += r - VNET_HDR_SIZE;
+            } else {
+              // Longer than the chain: dropped, the chain completes empty (as deliverCopy does).
+              this.stats.rxDropped++;
+              vq.pushUsed(c, 0);
+            }
+            delivered++;
+            continue;
+          }
+        } else if (w.length === 1 && w[0]!.len >= VNET_HDR_SIZE + MAX_FRAME && this.linkUp) {
           // One device-writable buffer that holds any frame the TAP can hand us: read(2) straight into guest
           // memory. Only then: a read into a shorter buffer truncates a longer frame silently (read returns the
           // bytes copied), so smaller buffers take the copy below, which can tell (it reads into 64 KiB).

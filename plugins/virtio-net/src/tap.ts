@@ -135,6 +135,21 @@ export class Tap {
     return ffi.writeFd(this.fd, buf, buf.byteLength);
   }
 
+  /**
+   * readv(2): one frame (with its vnet header) scattered over the first `count` [address, length] pairs of `iov`
+   * (host addresses). Returns the bytes read (never more than the iovecs hold: a longer frame is truncated, so a
+   * caller that must see truncation ends the list with a spill buffer that holds any frame) or -errno.
+   * SAFETY: every iovec must describe memory that stays mapped during the call (guest RAM, a live Buffer).
+   */
+  readv(iov: BigUint64Array, count: number): number {
+    return ffi.readvRaw(this.fd, iov, count);
+  }
+
+  /** writev(2): one frame (vnet header + frame) gathered from `count` iovecs of host memory; see readv. */
+  writev(iov: BigUint64Array, count: number): number {
+    return ffi.writevRaw(this.fd, iov, count);
+  }
+
   close(): void {
     ffi.closeFd(this.fd);
   }
