@@ -1,4 +1,5 @@
 // Worker-side echo device for the I/O thread tests (not exported from the package; loaded by URL from dist/).
+import { readSync } from 'node:fs';
 import type { VirtioDeviceContext } from './device.js';
 import type { IoThreadDevice } from './iothread.js';
 
@@ -9,12 +10,26 @@ export interface EchoWorkerData {
   crashOn?: number;
   /** When a chain's first readable byte is this value: throw a plain Error (a device bug). */
   throwOn?: number;
+  /** Int32Array counters for the extra-fd test: [0] fdReadable calls. */
+  counters?: SharedArrayBuffer;
+  /** fdReadable: drain the eventfd (8 bytes) and keep waiting (true), or leave it unread and set it aside (false). */
+  fdMode?: 'drain' | 'setAside';
+  /** The extra fds (as in IoThreadSpec.fds). */
+  fds?: number[];
 }
 
 export default function echoWorker(data: unknown, ctx: VirtioDeviceContext): IoThreadDevice {
   const o = (data ?? {}) as EchoWorkerData;
   const sleeper = new Int32Array(new SharedArrayBuffer(4));
+  const counters = o.counters ? new Int32Array(o.counters) : undefined;
+  const buf = Buffer.alloc(8);
   return {
+    fdReadable(i: number): boolean {
+      if (counters) Atomics.add(counters, 0, 1);
+      if (o.fdMode === 'setAside') return false;
+      readSync(o.fds![i]!, buf);
+      return true;
+    },
     processQueue(q: number): void {
       const queue = ctx.queue(q);
       let n = 0;

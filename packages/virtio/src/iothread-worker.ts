@@ -26,6 +26,8 @@ export interface IoThreadWorkerData {
   /** Per queue: the notification eventfd (-1: none). */
   notifyFds: number[];
   stopFd: number;
+  /** Extra host fds (IoThreadSpec.fds). */
+  extraFds: number[];
   /** irqfd (-1: ask the owner to raise the interrupt). */
   irqFd: number;
   module: string;
@@ -141,17 +143,34 @@ async function main(d: IoThreadWorkerData): Promise<void> {
   const device: IoThreadDevice = await factory(d.data, ctx);
   post({ t: 'ready' });
 
-  const fds: number[] = [];
-  const fdQueue: number[] = [];
-  d.notifyFds.forEach((fd, q) => {
-    if (fd >= 0) {
-      fds.push(fd);
-      fdQueue.push(q);
-    }
-  });
-  const stopBit = 1 << fds.length;
-  fds.push(d.stopFd);
+  // poll(2) set: the queues' notification eventfds, the extra fds still wanted, the stop eventfd (last).
+  const notifyFds = d.notifyFds.filter((fd) => fd >= 0);
+  const extra = d.extraFds ?? [];
+  const extraOn = extra.map(() => true);
+  let fds: number[] = [];
+  let fdExtra: number[] = []; // poll index - notifyFds.length → extra index
+  const rebuild = () => {
+    fdExtra = [];
+    extra.forEach((_, i) => {
+      if (extraOn[i]) fdExtra.push(i);
+    });
+    fds = [...notifyFds, ...fdExtra.map((i) => extra[i]!), d.stopFd];
+  };
+  rebuild();
   const drainFd = (fd: number) => void ffi.readFd(fd, drainBuf, 8);
+  const extraReady = (i: number) => {
+    let keep: boolean | void = true;
+    try {
+      keep = device.fdReadable?.(i);
+    } catch (e) {
+      log.error({ err: e, fd: extra[i] }, 'I/O thread fd handler failed');
+      failure ??= { reason: `fd handler failed: ${(e as Error).message}`, err: e };
+    }
+    if (keep === false || !device.fdReadable) {
+      extraOn[i] = false;
+      rebuild();
+    }
+  };
 
   const loadQueues = () => {
     driverFeatures = (BigInt(ctl[CTL.FEATURES_HI]! >>> 0) << 32n) | BigInt(ctl[CTL.FEATURES_LO]! >>> 0);
@@ -219,7 +238,11 @@ async function main(d: IoThreadWorkerData): Promise<void> {
     drainFd(d.stopFd);
     try {
       loadQueues();
-      for (const fd of fds) drainFd(fd);
+      for (const fd of notifyFds) drainFd(fd);
+      if (extraOn.some((on) => !on)) {
+        extraOn.fill(true);
+        rebuild();
+      }
       // A kick of every ready queue (DRIVER_OK, resume, restore): chains published while nobody served them.
       for (const q of queues) if (q.ready && !failure && running()) serve(q.index);
       suppressed = false;
@@ -231,7 +254,14 @@ async function main(d: IoThreadWorkerData): Promise<void> {
           failure ??= { reason: (e as Error).message, err: e };
           break;
         }
-        if (any) continue;
+        if (any) {
+          if (extraOn.some((on) => !on)) {
+            // The driver added buffers: wait on the fds a device had set aside again.
+            extraOn.fill(true);
+            rebuild();
+          }
+          continue;
+        }
         const pollUs = ctl[CTL.POLL_US]!;
         if (pollUs > 0) {
           suppress(true);
@@ -260,8 +290,23 @@ async function main(d: IoThreadWorkerData): Promise<void> {
           break;
         }
         Atomics.add(ctl, CTL.WAKEUPS, 1);
-        for (let i = 0; i < fdQueue.length; i++) if (r & (1 << i)) drainFd(fds[i]!);
-        if (r & stopBit) drainFd(d.stopFd);
+        const nq = notifyFds.length;
+        let notified = false;
+        for (let i = 0; i < nq; i++) {
+          if (r & (1 << i)) {
+            drainFd(fds[i]!);
+            notified = true;
+          }
+        }
+        if (r & (1 << (fds.length - 1))) drainFd(d.stopFd);
+        const ready: number[] = [];
+        for (let k = 0; k < fdExtra.length; k++) if (r & (1 << (nq + k))) ready.push(fdExtra[k]!);
+        for (const i of ready) if (running() && !failure) extraReady(i);
+        if (notified && extraOn.some((on) => !on)) {
+          // A notification (new buffers, say): wait on the fds a device had set aside again.
+          extraOn.fill(true);
+          rebuild();
+        }
       }
       suppress(false);
       if (!failure && Atomics.load(ctl, CTL.STATE) === ST.STOP_REQ && ctl[CTL.STOP_DRAIN] === 1) {

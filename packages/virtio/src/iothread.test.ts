@@ -4,7 +4,7 @@
  * Needs the package built (the worker runs dist/iothread-worker.js and dist/iothread-echo.test-util.js).
  */
 import { describe, it, expect, afterEach } from 'vitest';
-import { GuestMemory, silentLogger } from '@kvmkit/kernel';
+import { EventFd, GuestMemory, silentLogger } from '@kvmkit/kernel';
 import { VirtioMmioTransport, type VirtioVm } from './mmio.js';
 import { VirtioTestDriver } from './driver.js';
 import { EchoDevice } from './testdevice.test-util.js';
@@ -23,7 +23,7 @@ class ThreadedEcho extends EchoDevice {
     super([8, 16]);
   }
   override ioThread(): IoThreadSpec {
-    return { module: echoModule, data: this.data, pollUs: this.pollUs };
+    return { module: echoModule, data: this.data, pollUs: this.pollUs, ...(this.data.fds ? { fds: this.data.fds } : {}) };
   }
 }
 
@@ -287,6 +287,40 @@ describe('virtio I/O thread (fake VM, real eventfds)', () => {
     };
     expect(dirty(c.addrs[1]!)).toBe(true); // the device-written buffer
     expect(dirty(drv.queues[0]!.used)).toBe(true); // the used ring
+  });
+
+  it('extra host fds (a NIC\'s TAP, say): fdReadable runs in the worker; a device can set an fd aside until the next notification', async () => {
+    const efd = new EventFd();
+    const counters = new SharedArrayBuffer(4);
+    const c = new Int32Array(counters);
+    const { mem, t, drv } = setup({ data: { fds: [efd.fd], counters, fdMode: 'drain' } });
+    drv.init();
+    await until(() => t.ioThread!.counters.sessions === 1, 5000, 'session');
+    efd.signal(1);
+    await until(() => Atomics.load(c, 0) === 1, 5000, 'fdReadable');
+    efd.signal(1);
+    await until(() => Atomics.load(c, 0) === 2, 5000, 'fdReadable again');
+    await t.close();
+    efd.close();
+    // setAside: the fd stays readable but the worker does not spin on it; a queue notification re-arms it.
+    const efd2 = new EventFd();
+    const counters2 = new SharedArrayBuffer(4);
+    const c2 = new Int32Array(counters2);
+    const s2 = setup({ data: { fds: [efd2.fd], counters: counters2, fdMode: 'setAside' } });
+    s2.drv.init();
+    await until(() => s2.t.ioThread!.counters.sessions === 1, 5000, 'session');
+    efd2.signal(1);
+    await until(() => Atomics.load(c2, 0) === 1, 5000, 'fdReadable');
+    const w0 = s2.t.ioThread!.counters.wakeups;
+    await new Promise((r) => setTimeout(r, 50));
+    expect(Atomics.load(c2, 0)).toBe(1);
+    expect(s2.t.ioThread!.counters.wakeups).toBe(w0);
+    addEcho(s2.drv, 0, 1);
+    s2.drv.kick(0);
+    await until(() => usedIdx(s2.mem, s2.drv, 0) === 1, 5000, 'completion');
+    await until(() => Atomics.load(c2, 0) >= 2, 5000, 'fdReadable after the notification');
+    void mem;
+    efd2.close();
   });
 
   it('busy-polling (pollUs) serves chains published without a notification', async () => {

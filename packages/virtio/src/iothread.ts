@@ -16,6 +16,11 @@ export interface IoThreadSpec {
   data?: unknown;
   /** After the rings ran empty, keep polling the avail rings this many µs (NO_NOTIFY set). Default 0. */
   pollUs?: number;
+  /**
+   * Host fds the I/O thread also waits on while it owns the rings (e.g. a NIC's TAP): when fd `i` is readable the
+   * worker-side device's `fdReadable(i)` runs. Up to 16.
+   */
+  fds?: number[];
 }
 
 /**
@@ -25,6 +30,11 @@ export interface IoThreadSpec {
  */
 export interface IoThreadDevice {
   processQueue(q: number): void;
+  /**
+   * Host fd `spec.fds[index]` is readable (level-triggered: consume it). Return false to stop waiting on it until
+   * the next queue notification (e.g. a NIC with no RX buffers left), anything else to keep waiting on it.
+   */
+  fdReadable?(index: number): boolean | void;
   /** The I/O thread exits (close the device's worker-side resources). */
   close?(): void;
 }
@@ -79,6 +89,7 @@ export class IoThread {
   constructor(private readonly o: IoThreadOptions) {
     this.ctl = new Int32Array(new SharedArrayBuffer(4 * ctlWords(o.queueSizes.length)));
     this.ctl[CTL.POLL_US] = Math.max(0, Math.min(1_000_000, Math.floor(o.spec.pollUs ?? 0)));
+    if ((o.spec.fds?.length ?? 0) > 16 || o.notifyFds.length > 14) throw new KvmkitError('KVMKIT_ERR_VIRTIO_IOTHREAD', `${o.name}: an I/O thread waits on at most 14 queues and 16 extra fds`);
     this.notifyFds = o.notifyFds;
     this.kickBuf.writeBigUInt64LE(1n);
     this.stopFd = new EventFd();
@@ -89,6 +100,7 @@ export class IoThread {
       queueSizes: [...o.queueSizes],
       notifyFds: [...o.notifyFds],
       stopFd: this.stopFd.fd,
+      extraFds: [...(o.spec.fds ?? [])],
       irqFd: o.irqFd,
       module: o.spec.module,
       exportName: o.spec.exportName ?? 'default',
