@@ -4,7 +4,7 @@
 // on `-netdev tap,...,vhost=off`, virtio-rng-device; virtio-mmio v2), same ELF, in ONE run. Prints packets/s, host
 // CPU seconds per GiB of UDP payload and rng bytes/s with ratios kvmkit/QEMU, writes bench/results/virtio-net.json.
 //   node bench/virtio-net.mjs [--rounds R] [--tx-count N] [--rx-count N] [--batch B] [--rng-bytes B] [--elf path]
-//                             [--baseline-root DIR] [--cpu-prof DIR]
+//                             [--baseline-root DIR] [--cpu-prof DIR] [--only tx,rx,rng]
 // --baseline-root: a tree whose plugins/virtio-net and plugins/virtio-rng dist (e.g. an older commit's) run as a
 // third peer, `kvmkit-base`, in the same rotation (its packages/ may be a symlink to this checkout's).
 //
@@ -76,6 +76,7 @@ const { values } = parseArgs({
     elf: { type: 'string' },
     'baseline-root': { type: 'string' },
     'cpu-prof': { type: 'string' },
+    only: { type: 'string' },
   },
 });
 const R = Number(values.rounds);
@@ -238,6 +239,11 @@ const netCase = (mode, size, count) => ({
 const cases = [netCase('tx', 64, TXN), netCase('tx', 1400, Math.max(1, TXN >> 1)), netCase('rx', 64, RXN), netCase('rx', 1400, RXN)];
 cases.push({ key: `rng 256 B req`, kind: 'rng', cmdline: `probe.test=rng probe.rng.bytes=${RNGB} probe.rng.chunk=256` });
 cases.push({ key: `rng 4 KiB req`, kind: 'rng', cmdline: `probe.test=rng probe.rng.bytes=${RNGB} probe.rng.chunk=4096` });
+// --only PREFIX[,PREFIX]: just the cases whose name starts with one of them (e.g. `tx`, `rx 64`, `rng`)
+if (values.only) {
+  const keep = values.only.split(',');
+  cases.splice(0, cases.length, ...cases.filter((c) => keep.some((k) => c.key.startsWith(k))));
+}
 
 /** One VMM run of one case: TAP made for it, host side started at the guest's device line. */
 async function runCase(c, peer) {

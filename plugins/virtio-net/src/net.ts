@@ -225,6 +225,7 @@ export class VirtioNet extends VirtioDevice {
       vq.suppressNotifications(true);
       for (;;) {
         if (!vq.popInto(c)) {
+          // Ring empty: clear NO_NOTIFY, then look once more (the seq-cst store orders the two).
           vq.suppressNotifications(false);
           if (vq.pending() === 0) break;
           vq.suppressNotifications(true);
@@ -232,13 +233,15 @@ export class VirtioNet extends VirtioDevice {
         }
         this.sendChain(c);
         vq.pushUsed(c, 0);
-        if (++done >= TURN_CHAINS) {
-          more = vq.pending() > 0;
+        if (++done >= TURN_CHAINS && vq.pending() > 0) {
+          // More than a turn's worth: NO_NOTIFY stays set, the macrotask continues (the driver need not kick:
+          // a kick is a VM exit; QEMU keeps notifications off between its TX bursts the same way).
+          more = true;
           break;
         }
       }
     } finally {
-      vq.suppressNotifications(false);
+      if (!more) vq.suppressNotifications(false);
       if (done) this.ctx.signalUsed(TXQ);
     }
     if (more) this.rekickTx();
