@@ -276,11 +276,13 @@ async function main(d: IoThreadWorkerData): Promise<void> {
             continue;
           }
         }
-        // Notifications back on FIRST, then one more look: a chain published before the driver saw the flag
-        // cleared gets no notification (the seq-cst store orders the flag before the load). With EVENT_IDX,
-        // pop() on an empty ring publishes avail_event; serveAll() ran pop() to empty on every queue it served.
-        suppress(false);
-        if (queues.some((q) => q.ready && q.pending() > 0)) continue;
+        // Notifications back on FIRST (NO_NOTIFY cleared; with EVENT_IDX avail_event = last_avail, also when the
+        // device stopped at a limit rather than at an empty ring), then one more look: a chain published before
+        // the driver saw the re-arm gets no notification (the seq-cst stores order it before the loads).
+        suppressed = false;
+        let more = false;
+        for (const q of queues) if (q.ready && q.rearm()) more = true;
+        if (more) continue;
         if (!running()) break;
         let r: number;
         do r = ffi.pollIn(fds, -1);

@@ -103,6 +103,16 @@ describe('virtio I/O thread (fake VM, real eventfds)', () => {
     expect(t.ioThread!.counters.sessions).toBe(2);
   });
 
+  it('EVENT_IDX: after serving a full ring (the device stops at its limit, not at an empty pop) avail_event is re-armed before sleeping', async () => {
+    const { mem, drv } = setup();
+    drv.init();
+    expect(drv.features & (1n << 29n)).toBe(1n << 29n);
+    for (let i = 0; i < 8; i++) addEcho(drv, 0, i); // queue 0 has 8 entries: exactly one ring's worth
+    drv.kick(0);
+    await until(() => usedIdx(mem, drv, 0) === 8, 5000, 'eight completions');
+    await until(() => drv.availEvent(0) === 8, 5000, 'avail_event = 8');
+  });
+
   it('pause serves what was notified before it, then hands back exact indexes; save/restore with chains pending completes each once', async () => {
     const { mem, t, drv } = setup({ data: { slowMs: 5 } });
     drv.init();

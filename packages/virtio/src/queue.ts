@@ -460,6 +460,26 @@ export class Virtqueue {
   }
 
   /**
+   * Re-arms notifications before a device goes to sleep on this queue: clears VIRTQ_USED_F_NO_NOTIFY and, with
+   * EVENT_IDX, publishes avail_event = last_avail_idx (so the driver notifies for its next buffer even when the
+   * device stopped popping at a limit rather than at an empty ring); then, ordered after those seq-cst stores,
+   * returns whether chains are pending (look again when true: they were published before the driver could see
+   * the re-arm).
+   */
+  rearm(): boolean {
+    if (!this.ready) return false;
+    if (this.usedFlags16 && Atomics.load(this.usedFlags16, 0) !== 0) {
+      Atomics.store(this.usedFlags16, 0, 0);
+      this.mem!.markWritten(this.deviceN, 2);
+    }
+    if (this.availEvent16) {
+      Atomics.store(this.availEvent16, 0, this.lastAvail);
+      this.mem!.markWritten(this.deviceN + 4 + 8 * this.size, 2);
+    }
+    return this.pending() > 0;
+  }
+
+  /**
    * Puts `head` with `len` written bytes on the used ring: the element first, then (seq-cst) the index, so
    * the driver never sees an index covering an unwritten element. Returns false (and writes nothing) for a
    * chain popped before a reset.
