@@ -338,7 +338,7 @@ export class VirtioNet extends VirtioDevice {
         }
         const w = c.writable;
         let r: number;
-        if (this.linkUp && w.length < IOV_MAX && this.useHostIo(mem)) {
+        if (this.linkUp && w.length < IOV_MAX && !(w.length === 1 && w[0]!.len >= VNET_HDR_SIZE + MAX_FRAME) && this.useHostIo(mem)) {
           // readv(2) straight into the chain's buffers, then the spill buffer: a frame longer than the chain runs
           // into the spill (r > writableLength) instead of being truncated silently.
           const cnt = w.length;
@@ -369,14 +369,16 @@ export class VirtioNet extends VirtioDevice {
           }
         } else if (w.length === 1 && w[0]!.len >= VNET_HDR_SIZE + MAX_FRAME && this.linkUp) {
           // One device-writable buffer that holds any frame the TAP can hand us: read(2) straight into guest
-          // memory. Only then: a read into a shorter buffer truncates a longer frame silently (read returns the
-          // bytes copied), so smaller buffers take the copy below, which can tell (it reads into 64 KiB).
-          const dst = mem.range(w[0]!.addr, w[0]!.len);
+          // memory (no spill needed, and read costs the kernel less than readv). Only then: a read into a shorter
+          // buffer truncates a longer frame silently (read returns the bytes copied).
+          // view() + markWritten after the read: a dirty-log round taken between a mark and the write cannot lose it
+          const dst = mem.view(w[0]!.addr, w[0]!.len);
           r = this.tap.read(dst);
           if (r >= VNET_HDR_SIZE && r <= dst.length) {
             // num_buffers (offset 10) = 1: no MRG_RXBUF, one chain per frame.
             dst[10] = 1;
             dst[11] = 0;
+            mem.markWritten(w[0]!.addr, r);
             vq.pushUsed(c, r);
             delivered++;
             this.stats.rxPackets++;
