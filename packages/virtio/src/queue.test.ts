@@ -1,6 +1,6 @@
 import { describe, it, expect } from 'vitest';
 import { GuestMemory } from '@kvmkit/kernel';
-import { Virtqueue, VirtqueueError } from './queue.js';
+import { ChainBuf, Virtqueue, VirtqueueError } from './queue.js';
 import { VIRTQ_DESC_F as F } from './constants.js';
 
 const DESC = 0x0n;
@@ -65,6 +65,49 @@ describe('split virtqueue', () => {
     q.unpop(b);
     err(() => q.unpop(b), /not the one popped last/);   // twice: the second would skip back past a2
     expect(q.pop()!.head).toBe(1);
+  });
+
+  it('unpop gives back a ChainBuf filled last by popInto, only that one', () => {
+    const { q, desc, publish } = mk();
+    desc(0, 0x4000n, 16, F.WRITE, 0);
+    desc(1, 0x5000n, 16, F.WRITE, 0);
+    publish(0, 1);
+    const a = new ChainBuf();
+    const b = new ChainBuf();
+    expect(q.popInto(a)).toBe(true);
+    q.unpop(a);
+    expect(q.pending()).toBe(2);
+    expect(q.popInto(a)).toBe(true);
+    expect(a.head).toBe(0);
+    expect(q.popInto(b)).toBe(true);
+    err(() => q.unpop(a), /not the one popped last/);
+    q.unpop(b);
+    err(() => q.unpop(b), /not the one popped last/);
+    const c = q.pop()!; // pop after popInto: only the DescriptorChain can be given back now
+    expect(c.head).toBe(1);
+    err(() => q.unpop(b), /not the one popped last/);
+    q.unpop(c);
+    expect(q.popInto(b)).toBe(true);
+    expect(b.head).toBe(1);
+  });
+
+  it('DescriptorChain.read/write copy through its own ChainBuf copy (the scratch chain is reused)', () => {
+    const { q, desc, publish, mem } = mk();
+    desc(0, 0x4000n, 4, F.NEXT, 1);
+    desc(1, 0x4100n, 4, F.NEXT, 2);
+    desc(2, 0x5000n, 3, F.WRITE | F.NEXT, 3);
+    desc(3, 0x5100n, 3, F.WRITE, 0);
+    desc(4, 0x6000n, 8, F.WRITE, 0);
+    publish(0, 4);
+    mem.write(0x4000, Uint8Array.of(1, 2, 3, 4));
+    mem.write(0x4100, Uint8Array.of(5, 6, 7, 8));
+    const c = q.pop()!;
+    q.pop(); // reuses the queue's scratch ChainBuf
+    expect(Array.from(c.read(mem))).toEqual([1, 2, 3, 4, 5, 6, 7, 8]);
+    expect(Array.from(c.read(mem, 3, 3))).toEqual([4, 5, 6]);
+    expect(c.write(mem, Uint8Array.of(9, 9, 9, 9, 9, 9, 9), 1)).toBe(5);
+    expect(Array.from(mem.view(0x5000, 3))).toEqual([0, 9, 9]);
+    expect(Array.from(mem.view(0x5100, 3))).toEqual([9, 9, 9]);
   });
 
   it('walks a direct chain: readable then writable', () => {

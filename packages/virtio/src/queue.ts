@@ -37,6 +37,8 @@ export class DescriptorChain {
     readonly queue: Virtqueue,
     readonly head: number,
     readonly epoch: number,
+    /** The same chain in ChainBuf form (its own copy): read/write go through it, one copy loop for both forms. */
+    private readonly buf: ChainBuf,
   ) {}
 
   get valid(): boolean {
@@ -45,40 +47,12 @@ export class DescriptorChain {
 
   /** Copies up to `len` readable bytes starting at `offset` (default: all). */
   read(mem: GuestMemory, offset = 0, len = this.readableLength - offset): Uint8Array {
-    len = Math.max(0, Math.min(len, this.readableLength - offset));
-    const out = new Uint8Array(len);
-    let pos = 0;
-    let skip = offset;
-    for (const b of this.readable) {
-      if (pos >= len) break;
-      if (skip >= b.len) {
-        skip -= b.len;
-        continue;
-      }
-      const n = Math.min(b.len - skip, len - pos);
-      out.set(mem.view(b.addr + BigInt(skip), n), pos);
-      pos += n;
-      skip = 0;
-    }
-    return out;
+    return this.buf.read(mem, offset, len);
   }
 
   /** Writes `data` into the writable buffers starting at writable offset `offset`; returns bytes written. */
   write(mem: GuestMemory, data: Uint8Array, offset = 0): number {
-    let pos = 0;
-    let skip = offset;
-    for (const b of this.writable) {
-      if (pos >= data.length) break;
-      if (skip >= b.len) {
-        skip -= b.len;
-        continue;
-      }
-      const n = Math.min(b.len - skip, data.length - pos);
-      mem.range(b.addr + BigInt(skip), n).set(data.subarray(pos, pos + n));
-      pos += n;
-      skip = 0;
-    }
-    return pos;
+    return this.buf.write(mem, data, offset);
   }
 }
 
@@ -154,7 +128,7 @@ export class ChainBuf {
 
   /** The object form (BigInt addresses), e.g. for code written against DescriptorChain. */
   toChain(): DescriptorChain {
-    const c = new DescriptorChain(this.queue!, this.head, this.epoch);
+    const c = new DescriptorChain(this.queue!, this.head, this.epoch, this.clone());
     for (let i = 0; i < this.count; i++) {
       const b = { addr: BigInt(this.addr[i]!), len: this.len[i]! };
       if (i < this.readable) c.readable.push(b);
@@ -236,7 +210,7 @@ export class Virtqueue {
   signalledUsed = 0;
   /** Bumped by reset(): chains popped before become invalid. */
   epoch = 0;
-  private lastPopped: DescriptorChain | undefined;
+  private lastPopped: DescriptorChain | ChainBuf | undefined;
   /** pop()'s walk target (converted to a DescriptorChain). */
   private readonly scratch = new ChainBuf();
   indirect = false;
@@ -357,7 +331,7 @@ export class Virtqueue {
 
   /**
    * Like `pop()`, into a reusable ChainBuf (no allocation per chain; Number addresses). Returns false when the
-   * ring is empty. Same validation and EVENT_IDX behaviour as `pop()`; such a chain cannot be `unpop()`ed.
+   * ring is empty. Same validation and EVENT_IDX behaviour as `pop()`; `unpop(out)` gives it back.
    */
   popInto(out: ChainBuf): boolean {
     if (!this.ready) return false;
@@ -376,15 +350,17 @@ export class Virtqueue {
       throw new VirtqueueError(`queue ${this.index}: head index ${head} >= queue size ${this.size}`, { queue: this.index, head });
     }
     this.walk(head, out);
+    this.lastPopped = out;
     return true;
   }
 
   /**
-   * Gives back the chain `pop()` returned last, not completed: the next `pop()` returns it again (e.g. a NIC that
-   * popped an RX buffer and then found no frame). Only that chain, only before any other pop; a chain from before
-   * a queue reset is ignored (the reset already forgot it). Anything else throws VirtqueueError (a device bug).
+   * Gives back the chain `pop()` returned (or `popInto()` filled) last, not completed: the next pop returns it
+   * again (e.g. a NIC that popped an RX buffer and then found no frame). Only that chain, only before any other
+   * pop; a chain from before a queue reset is ignored (the reset already forgot it). Anything else throws
+   * VirtqueueError (a device bug).
    */
-  unpop(c: DescriptorChain): void {
+  unpop(c: DescriptorChain | ChainBuf): void {
     if (!c.valid) return;
     if (c !== this.lastPopped) throw new VirtqueueError(`queue ${this.index}: unpop of a chain that is not the one popped last`, { queue: this.index, head: c.head });
     this.lastAvail = (this.lastAvail - 1) & 0xffff;
