@@ -7,6 +7,7 @@ import * as path from 'node:path';
 import { DeviceRegistry, GuestMemory, MmioBus, PioBus, PluginHost, StateReader, StateWriter, createHooks, defaultMemoryLayout, silentLogger, tapOnly, type MachineApi, type Vm, type Logger } from '@kvmkit/kernel';
 import { VirtioMmioTransport, VirtioTestDriver, VIRTIO_STATUS as S, MMIO, bit } from '@kvmkit/virtio';
 import virtioBlk, { VirtioBlk, VIRTIO_BLK_T as T, VIRTIO_BLK_S as ST, VIRTIO_BLK_F, BLK_CFG, validateBlkOptions, isMemoryBacked, type VirtioBlkApi } from './index.js';
+import { hdr, submit } from './requests.test-util.js';
 
 let dir: string;
 const MiB = 1 << 20;
@@ -36,24 +37,6 @@ async function dev(p: string, o: { readOnly?: boolean; direct?: boolean; serial?
   const drv = new VirtioTestDriver(t, mem, 0x1000n);
   expect(drv.init() & S.DRIVER_OK).toBe(S.DRIVER_OK);
   return { d, mem, t, drv, irqs: () => irqs };
-}
-
-function hdr(type: number, sector: bigint | number): Uint8Array {
-  const b = Buffer.alloc(16);
-  b.writeUInt32LE(type, 0);
-  b.writeBigUInt64LE(BigInt(sector), 8);
-  return b;
-}
-
-/** Submits a request: header (+ out data) readable, (in data +) status writable. Returns status/data addresses. */
-function submit(drv: VirtioTestDriver, type: number, sector: bigint | number, o: { out?: Uint8Array; inLen?: number; inSegs?: number } = {}) {
-  const bufs: { len: number; data?: Uint8Array; write?: boolean }[] = [{ len: 16, data: hdr(type, sector) }];
-  if (o.out) bufs.push({ len: o.out.length, data: o.out });
-  const segs = o.inSegs ?? 1;
-  if (o.inLen) for (let i = 0; i < segs; i++) bufs.push({ len: o.inLen / segs, write: true });
-  bufs.push({ len: 1, write: true, data: Uint8Array.of(0xff) });
-  const { head, addrs } = drv.add(0, bufs);
-  return { head, status: addrs[addrs.length - 1]!, data: addrs.slice(o.out ? 2 : 1, -1) };
 }
 
 beforeAll(() => {

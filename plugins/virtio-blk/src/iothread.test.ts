@@ -11,6 +11,7 @@ import * as path from 'node:path';
 import { GuestMemory, silentLogger } from '@kvmkit/kernel';
 import { VirtioMmioTransport, VirtioTestDriver, VIRTIO_STATUS as S, MMIO, type VirtioVm } from '@kvmkit/virtio';
 import { VirtioBlk, VIRTIO_BLK_T as T, VIRTIO_BLK_S as ST } from './index.js';
+import { submit as submitReq } from './requests.test-util.js';
 
 const MiB = 1 << 20;
 let dir: string;
@@ -50,21 +51,8 @@ async function disk(p: string, o: { readOnly?: boolean; mem?: GuestMemory; init?
   return { d, mem, t, drv };
 }
 
-function hdr(type: number, sector: bigint | number): Uint8Array {
-  const b = Buffer.alloc(16);
-  b.writeUInt32LE(type, 0);
-  b.writeBigUInt64LE(BigInt(sector), 8);
-  return b;
-}
-
 function submit(drv: VirtioTestDriver, type: number, sector: bigint | number, o: { out?: Uint8Array; inLen?: number; inSegs?: number } = {}) {
-  const bufs: { len: number; data?: Uint8Array; write?: boolean }[] = [{ len: 16, data: hdr(type, sector) }];
-  if (o.out) bufs.push({ len: o.out.length, data: o.out });
-  const segs = o.inSegs ?? 1;
-  if (o.inLen) for (let i = 0; i < segs; i++) bufs.push({ len: o.inLen / segs, write: true });
-  bufs.push({ len: 1, write: true, data: Uint8Array.of(0xff) });
-  const { head, addrs } = drv.add(0, bufs, { indirect: true });
-  return { head, status: addrs[addrs.length - 1]!, data: addrs.slice(o.out ? 2 : 1, -1) };
+  return submitReq(drv, type, sector, { ...o, indirect: true });
 }
 
 const usedIdx = (mem: GuestMemory, drv: VirtioTestDriver) => mem.readU16(drv.queues[0]!.used + 2n);
