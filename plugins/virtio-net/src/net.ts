@@ -1,5 +1,5 @@
 import { KvmkitError, ffi, watchFd, type FdWatch, type GuestMemory, type Logger } from '@kvmkit/kernel';
-import { ChainBuf, VIRTIO_ID, VirtioDevice, bit, type DescriptorChain } from '@kvmkit/virtio';
+import { ChainBuf, VIRTIO_ID, VirtioDevice, bit } from '@kvmkit/virtio';
 import { TUN, VNET_HDR_SIZE, type Tap } from './tap.js';
 
 /** virtio-net feature bits (§5.1.3). */
@@ -64,11 +64,10 @@ export interface VirtioNetDeviceOptions {
  * and detached on reset, so a migration destination holding the same TAP takes no frames before it runs.
  */
 /** Host write tracking for `len` bytes the kernel wrote into chain `c`'s writable buffers (readv bypasses GuestMemory). */
-function markWritten(mem: GuestMemory, c: DescriptorChain, len: number): void {
-  for (const b of c.writable) {
-    if (len <= 0) break;
-    const n = Math.min(len, b.len);
-    mem.markWritten(b.addr, n);
+function markWritten(mem: GuestMemory, c: ChainBuf, len: number): void {
+  for (let i = c.readable; i < c.count && len > 0; i++) {
+    const n = Math.min(len, c.len[i]!);
+    mem.markWritten(c.addr[i]!, n);
     len -= n;
   }
 }
@@ -82,8 +81,9 @@ export class VirtioNet extends VirtioDevice {
   /** Host buffer for copied RX frames, and the spill iovec behind a chain's buffers in readv (sees truncation). */
   private readonly rxBuf = Buffer.alloc(VNET_HDR_SIZE + MAX_FRAME);
   private readonly txBuf = Buffer.alloc(VNET_HDR_SIZE + MAX_FRAME);
-  /** The TX chain being sent (reused: popInto fills it, no allocation per packet). */
+  /** The TX chain being sent and the RX chain being filled (reused: popInto fills them, no allocation per packet). */
   private readonly txChain = new ChainBuf(4);
+  private readonly rxChain = new ChainBuf(4);
   /** [host address, length] pairs for readv/writev; written as 32-bit halves (no BigInt per packet; x86-64 is little endian). */
   private readonly iov = new BigUint64Array(2 * (IOV_MAX + 1));
   private readonly iov32 = new Uint32Array(this.iov.buffer);
@@ -316,9 +316,9 @@ export class VirtioNet extends VirtioDevice {
     const mem = this.ctx.memory;
     let delivered = 0;
     try {
+      const c = this.rxChain;
       for (let turn = 0; turn < TURN_CHAINS; turn++) {
-        const c = vq.ready ? vq.pop() : null;
-        if (!c) {
+        if (!vq.ready || !vq.popInto(c)) {
           // No RX buffer: stop polling the TAP until the driver posts buffers, keeping at most one frame
           // already waiting there (so it is part of a snapshot taken meanwhile).
           if (!this.held) {
@@ -336,16 +336,31 @@ export class VirtioNet extends VirtioDevice {
           delivered++;
           continue;
         }
-        const w = c.writable;
+        const first = c.readable; // writable buffers are [readable, count)
+        const cnt = c.count - first;
         let r: number;
-        if (this.linkUp && w.length < IOV_MAX && !(w.length === 1 && w[0]!.len >= VNET_HDR_SIZE + MAX_FRAME) && this.useHostIo(mem)) {
+        if (cnt === 1 && c.len[first]! >= VNET_HDR_SIZE + MAX_FRAME && this.linkUp) {
+          // One device-writable buffer that holds any frame the TAP can hand us: read(2) straight into guest
+          // memory (no spill needed, and read costs the kernel less than readv). Only then: a read into a shorter
+          // buffer truncates a longer frame silently (read returns the bytes copied).
+          // view() + markWritten after the read: a dirty-log round taken between a mark and the write cannot lose it
+          const dst = mem.view(c.addr[first]!, c.len[first]!);
+          r = this.tap.read(dst);
+          if (r >= VNET_HDR_SIZE && r <= dst.length) {
+            // num_buffers (offset 10) = 1: no MRG_RXBUF, one chain per frame.
+            dst[10] = 1;
+            dst[11] = 0;
+            mem.markWritten(c.addr[first]!, r);
+            vq.pushUsed(c, r);
+            delivered++;
+            this.stats.rxPackets++;
+            this.stats.rxBytes += r - VNET_HDR_SIZE;
+            continue;
+          }
+        } else if (this.linkUp && cnt < IOV_MAX && this.useHostIo(mem)) {
           // readv(2) straight into the chain's buffers, then the spill buffer: a frame longer than the chain runs
           // into the spill (r > writableLength) instead of being truncated silently.
-          const cnt = w.length;
-          for (let i = 0; i < cnt; i++) {
-            const b = w[i]!;
-            this.setIov(i, mem.hostAddress(b.addr, b.len), b.len);
-          }
+          for (let i = 0; i < cnt; i++) this.setIov(i, mem.hostAddress(c.addr[first + i]!, c.len[first + i]!), c.len[first + i]!);
           this.setIov(cnt, this.rxSpill, this.rxBuf.length);
           // SAFETY: guest buffers bounds-checked by hostAddress (mapped until the machine stops); rxBuf lives with us.
           r = this.tap.readv(this.iov, cnt + 1);
@@ -354,7 +369,7 @@ export class VirtioNet extends VirtioDevice {
             markWritten(mem, c, Math.min(r, wl));
             if (r <= wl) {
               // num_buffers (offset 10) = 1 (the TAP leaves those 2 bytes of the 12-byte header alone)
-              if (w[0]!.len >= VNET_HDR_SIZE) mem.writeU16(Number(w[0]!.addr) + 10, 1);
+              if (c.len[first]! >= VNET_HDR_SIZE) mem.writeU16(c.addr[first]! + 10, 1);
               else c.write(mem, NUM_BUFFERS_1, 10);
               vq.pushUsed(c, r);
               this.stats.rxPackets++;
@@ -367,25 +382,8 @@ export class VirtioNet extends VirtioDevice {
             delivered++;
             continue;
           }
-        } else if (w.length === 1 && w[0]!.len >= VNET_HDR_SIZE + MAX_FRAME && this.linkUp) {
-          // One device-writable buffer that holds any frame the TAP can hand us: read(2) straight into guest
-          // memory (no spill needed, and read costs the kernel less than readv). Only then: a read into a shorter
-          // buffer truncates a longer frame silently (read returns the bytes copied).
-          // view() + markWritten after the read: a dirty-log round taken between a mark and the write cannot lose it
-          const dst = mem.view(w[0]!.addr, w[0]!.len);
-          r = this.tap.read(dst);
-          if (r >= VNET_HDR_SIZE && r <= dst.length) {
-            // num_buffers (offset 10) = 1: no MRG_RXBUF, one chain per frame.
-            dst[10] = 1;
-            dst[11] = 0;
-            mem.markWritten(w[0]!.addr, r);
-            vq.pushUsed(c, r);
-            delivered++;
-            this.stats.rxPackets++;
-            this.stats.rxBytes += r - VNET_HDR_SIZE;
-            continue;
-          }
         } else {
+          // Link down, no host addresses (unit-test memory) or too many buffers: read into the host buffer, copy.
           r = this.tap.read(this.rxBuf);
           if (r >= VNET_HDR_SIZE) {
             this.deliverCopy(c, this.rxBuf.subarray(0, r));
@@ -406,7 +404,7 @@ export class VirtioNet extends VirtioDevice {
           vq.unpop(c); // not a frame: skip it, the chain is used for the next one
           continue;
         }
-        // Longer than the chain's only buffer: dropped, the chain completes empty (as deliverCopy does).
+        // Defensive (a read(2) never returns more than its buffer): dropped, the chain completes empty.
         this.stats.rxDropped++;
         vq.pushUsed(c, 0);
         delivered++;
@@ -418,7 +416,7 @@ export class VirtioNet extends VirtioDevice {
   }
 
   /** A frame from a host buffer into chain `c` (one copy); dropped (chain completed empty) when it does not fit or the link is down. */
-  private deliverCopy(c: DescriptorChain, frame: Buffer): void {
+  private deliverCopy(c: ChainBuf, frame: Buffer): void {
     const vq = this.ctx.queue(RXQ);
     if (!this.linkUp || c.writableLength < frame.length) {
       this.stats.rxDropped++;
