@@ -10,9 +10,10 @@
 // rx: a C sender (sendmmsg) first queues the datagrams in the TAP (txqueuelen above the count); the driver posts
 //     2 KiB buffers (like the probe guest) and notifies until a block is delivered.
 // Blocks of 2048 packets through the device alternate with blocks of bare write(2)/read(2) calls on the same TAP,
-// frames and (tx) guest buffers, so both see the same host load; medians over blocks. "overhead" = device - bare (per block
-// pair) is the device's own
-// cost per packet (rings, JS, koffi), the part this plugin can cut; "bare" is the kernel's TAP cost plus one koffi call.
+// frames and (tx) guest buffers, so both see the same host load; the report gives medians over the blocks.
+// "overhead" = device - bare of each block pair: the device's own cost per packet (rings, JS, koffi), the part this
+// plugin can cut; "bare" is the kernel's TAP cost plus one koffi call.
+// --plugin-root DIR runs another build's plugins/virtio-net/dist (same kernel and virtio) for an A/B on one host.
 // Needs root, /dev/net/tun, `ip`, gcc; build first (npx tsc -b plugins/virtio-net).
 import { execFileSync, spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
