@@ -263,7 +263,8 @@ export class VirtioNet extends VirtioDevice {
     const cnt = c.readable;
     let r: number;
     if (cnt === 1) {
-      r = this.tap.write(mem.view(c.addr[0]!, n));
+      // SAFETY (writeAt): hostAddress bounds-checks the buffer; guest RAM stays mapped until the machine stops.
+      r = this.useHostIo(mem) ? this.tap.writeAt(mem.hostAddress(c.addr[0]!, n), n) : this.tap.write(mem.view(c.addr[0]!, n));
     } else if (cnt <= IOV_MAX && this.useHostIo(mem)) {
       for (let i = 0; i < cnt; i++) this.setIov(i, mem.hostAddress(c.addr[i]!, c.len[i]!), c.len[i]!);
       // SAFETY: the iovecs lie in guest RAM (bounds-checked by hostAddress), mapped until the machine stops.
@@ -343,13 +344,14 @@ export class VirtioNet extends VirtioDevice {
           // One device-writable buffer that holds any frame the TAP can hand us: read(2) straight into guest
           // memory (no spill needed, and read costs the kernel less than readv). Only then: a read into a shorter
           // buffer truncates a longer frame silently (read returns the bytes copied).
-          // view() + markWritten after the read: a dirty-log round taken between a mark and the write cannot lose it
-          const dst = mem.view(c.addr[first]!, c.len[first]!);
-          r = this.tap.read(dst);
-          if (r >= VNET_HDR_SIZE && r <= dst.length) {
+          // markWritten after the read: a dirty-log round taken between a mark and the write cannot lose it
+          const at = c.addr[first]!;
+          const len = c.len[first]!;
+          // SAFETY (readAt): hostAddress bounds-checks the buffer; guest RAM stays mapped until the machine stops.
+          r = this.useHostIo(mem) ? this.tap.readAt(mem.hostAddress(at, len), len) : this.tap.read(mem.view(at, len));
+          if (r >= VNET_HDR_SIZE && r <= len) {
             // num_buffers (offset 10) = 1: no MRG_RXBUF, one chain per frame.
-            dst[10] = 1;
-            dst[11] = 0;
+            mem.writeU16(at + 10, 1);
             mem.markWritten(c.addr[first]!, r);
             vq.pushUsed(c, r);
             delivered++;

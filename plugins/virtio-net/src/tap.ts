@@ -135,6 +135,15 @@ export class Tap {
     return ffi.writeFd(this.fd, buf, buf.byteLength);
   }
 
+  /** read(2)/write(2) on a host address (guest RAM, bounds-checked by the caller): no view per frame. */
+  readAt(addr: number, len: number): number {
+    return ffi.readRaw(this.fd, addr, len);
+  }
+
+  writeAt(addr: number, len: number): number {
+    return ffi.writeRaw(this.fd, addr, len);
+  }
+
   /**
    * readv(2): one frame (with its vnet header) scattered over the first `count` [address, length] pairs of `iov`
    * (host addresses). Returns the bytes read (never more than the iovecs hold: a longer frame is truncated, so a

@@ -66,6 +66,11 @@ describe('ffi.preadvRaw / pwritevRaw on host addresses of guest RAM', () => {
         expect(ffi.readvRaw(efd, iov, 1)).toBe(8);
         expect(mem.readU64(0x7000)).toBe(5n);
         expect(ffi.readvRaw(efd, iov, 1)).toBe(-11); // EAGAIN: nonblocking and empty
+        mem.writeU64(0x6008, 7n);
+        expect(ffi.writeRaw(efd, mem.hostAddress(0x6008, 8), 8)).toBe(8);
+        expect(ffi.readRaw(efd, mem.hostAddress(0x7008, 8), 8)).toBe(8);
+        expect(mem.readU64(0x7008)).toBe(7n);
+        expect(ffi.readRaw(efd, mem.hostAddress(0x7008, 8), 8)).toBe(-11);
       } finally {
         ffi.closeFd(efd);
       }

@@ -26,6 +26,8 @@ const c_poll = libc.func('int poll(void *fds, unsigned long nfds, int timeout)')
 const c_preadv = libc.func('long preadv(int fd, void *iov, int iovcnt, long offset)');
 const c_pwritev = libc.func('long pwritev(int fd, void *iov, int iovcnt, long offset)');
 const c_readv = libc.func('long readv(int fd, void *iov, int iovcnt)');
+const c_read_at = libc.func('long read(int fd, uintptr_t buf, size_t len)');
+const c_write_at = libc.func('long write(int fd, uintptr_t buf, size_t len)');
 const c_writev = libc.func('long writev(int fd, void *iov, int iovcnt)');
 const c_pthread_self = libc.func('unsigned long pthread_self()');
 const c_pthread_kill = libc.func('int pthread_kill(unsigned long thread, int sig)');
@@ -178,6 +180,21 @@ export function preadvRaw(fd: number, iov: BigUint64Array, count: number, offset
 export function pwritevRaw(fd: number, iov: BigUint64Array, count: number, offset: number): number {
   if (count < 0 || 2 * count > iov.length) throw new RangeError('pwritevRaw: count exceeds the iovec array');
   const r = Number(c_pwritev(fd, iov, count, offset));
+  return r < 0 ? -errno() : r;
+}
+
+/**
+ * read(2)/write(2) on a host address given as a Number (e.g. GuestMemory.hostAddress): no view object per call, and
+ * cheaper through koffi than a buffer argument (~330 vs ~420 ns per call here). Returns bytes or -errno. SAFETY: as
+ * preadvRaw — the range must stay mapped during the call; writes into guest RAM must be reported with markWritten.
+ */
+export function readRaw(fd: number, addr: number, len: number): number {
+  const r = Number(c_read_at(fd, addr, len));
+  return r < 0 ? -errno() : r;
+}
+
+export function writeRaw(fd: number, addr: number, len: number): number {
+  const r = Number(c_write_at(fd, addr, len));
   return r < 0 ? -errno() : r;
 }
 
