@@ -238,16 +238,7 @@ async function tx(size) {
     };
     device(BLOCK);
     floor(BLOCK);
-    const blocks = [];
-    // alternate blocks so both see the same host load
-    for (let done = 0; done < N; done += BLOCK) {
-      let t = process.hrtime.bigint();
-      device(BLOCK);
-      const d = Number(process.hrtime.bigint() - t) / BLOCK;
-      t = process.hrtime.bigint();
-      floor(BLOCK);
-      blocks.push([d, Number(process.hrtime.bigint() - t) / BLOCK]);
-    }
+    const blocks = alternateBlocks(N, device, floor);
     const got = n.tapStats().rx.packets - before;
     if (n.dev.stats.txDropped) throw new Error(`tx dropped ${n.dev.stats.txDropped}`);
     if (got < sent + bare) throw new Error(`TAP saw ${got} of ${sent + bare} frames`);
@@ -256,6 +247,23 @@ async function tx(size) {
     sink.p.kill('SIGKILL');
     await n.close();
   }
+}
+
+/**
+ * Alternates BLOCK-sized blocks of device work and bare syscalls (so both see the same host load) until `total`;
+ * returns [device ns/frame, bare ns/frame] per block pair.
+ */
+function alternateBlocks(total, device, floor) {
+  const blocks = [];
+  for (let done = 0; done < total; done += BLOCK) {
+    let t = process.hrtime.bigint();
+    device(BLOCK);
+    const d = Number(process.hrtime.bigint() - t) / BLOCK;
+    t = process.hrtime.bigint();
+    floor(BLOCK);
+    blocks.push([d, Number(process.hrtime.bigint() - t) / BLOCK]);
+  }
+  return blocks;
 }
 
 async function rx(size) {
@@ -293,15 +301,7 @@ async function rx(size) {
         if (k !== want) throw new Error(`bare read returned ${k}`);
       }
     };
-    const blocks = [];
-    for (let done = 0; done < half; done += BLOCK) {
-      let t = process.hrtime.bigint();
-      device(BLOCK);
-      const d = Number(process.hrtime.bigint() - t) / BLOCK;
-      t = process.hrtime.bigint();
-      floor(BLOCK);
-      blocks.push([d, Number(process.hrtime.bigint() - t) / BLOCK]);
-    }
+    const blocks = alternateBlocks(half, device, floor);
     if (r.usedLen(r.usedIdx() - 1) !== want) throw new Error(`used len ${r.usedLen(r.usedIdx() - 1)} != ${want}`);
     if (n.dev.stats.rxDropped) throw new Error(`rx dropped ${n.dev.stats.rxDropped}`);
     return blocks;
