@@ -6,6 +6,7 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
 import { parseCli, parsePluginFlag, parseRunArgs } from './args.js';
 import { exitCodeOf } from './run.js';
+import { findGuestKernel, guestKernelHelp } from '@kvmkit/testkit';
 
 const BIN = fileURLToPath(new URL('../dist/bin.js', import.meta.url));
 const hasKvm = existsSync('/dev/kvm');
@@ -400,9 +401,11 @@ describe.skipIf(!hasKvm)('kvmkit run on /dev/kvm (boot-flat guests)', () => {
   }
 });
 
-// The guest Linux kernel fixtures (see ../shared/guest/README.md): $KVMKIT_GUEST_DIR or <repo>/../shared/guest.
-const guestDir = [process.env.KVMKIT_GUEST_DIR, fileURLToPath(new URL('../../../../shared/guest', import.meta.url))].find((d) => d && existsSync(path.join(d, 'vmlinux')));
-if (hasKvm && !guestDir) console.warn('[kvmkit cli] no guest kernel (set KVMKIT_GUEST_DIR): kvmkit run --kernel tests are skipped');
+// The guest Linux kernel, found by the one helper every test uses (KVMKIT_GUEST_DIR, ../shared/guest, what
+// scripts/build-guest-kernel.sh built); these tests need its vmlinux.
+const guestKernel = findGuestKernel();
+const guestDir = guestKernel?.vmlinux ? guestKernel.dir : undefined;
+if (hasKvm && !guestDir) console.warn(`[kvmkit cli] kvmkit run --kernel tests are skipped: ${guestKernelHelp()}`);
 
 const isPvmHost = existsSync('/sys/module/kvm_pvm');
 
