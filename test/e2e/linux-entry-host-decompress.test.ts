@@ -14,7 +14,7 @@ import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { Machine, silentLogger, type Plugin } from '@kvmkit/kernel';
 import bootLinux, { parseVmlinux } from '@kvmkit/plugin-boot-linux';
-import { syntheticBzImage, syntheticKernelElf, xzKernelPayload } from '@kvmkit/testkit';
+import { syntheticBzImage, syntheticKernelElf, xzKernelPayload, findGuestKernel } from '@kvmkit/testkit';
 import { hasKvm, exitPort, assembleText, irqchipPlugin, runSyntheticKernel } from './helpers.js';
 
 let tools = true;
@@ -123,9 +123,11 @@ describe.skipIf(!hasKvm || !tools)('boot-linux host decompression hand-over on /
   });
 });
 
-const FIXTURE_BZ = '/work/shared/guest/bzImage';
-const FIXTURE_ELF = '/work/shared/guest/vmlinux';
-const FIXTURE_RD = '/work/shared/guest/spin.cpio';
+// The fixture kernel, found by the one helper (KVMKIT_GUEST_DIR, ../shared/guest, the project's build); '' = none.
+const fixture = findGuestKernel();
+const FIXTURE_BZ = fixture?.bzImage ?? '';
+const FIXTURE_ELF = fixture?.vmlinux ?? '';
+const FIXTURE_RD = fixture?.initrd ?? '';
 const haveFixture = existsSync(FIXTURE_BZ) && existsSync(FIXTURE_ELF) && existsSync(FIXTURE_RD);
 
 // The real kernel is never run here (Linux boots belong to linux-boot.test.ts on a quiet host): a beforeRun tap

@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { GuestMemory, defaultMemoryLayout, silentLogger, isKvmkitError, type BootContext, type Vm } from '@kvmkit/kernel';
-import { findExecutable, syntheticBzImage, syntheticKernelElf, xzKernelPayload, type SyntheticBzImageOptions, type SyntheticSegment } from '@kvmkit/testkit';
+import { findExecutable, syntheticBzImage, syntheticKernelElf, xzKernelPayload, type SyntheticBzImageOptions, type SyntheticSegment, findGuestKernel } from '@kvmkit/testkit';
 import { prepareLinuxBoot, payloadFormat, parseVmlinux, type BootLinuxOptions } from './index.js';
 
 const MiB = 1024 * 1024;
@@ -212,9 +212,11 @@ describe('host decompression of synthetic bzImages', () => {
   });
 });
 
-const FIXTURE_BZ = '/work/shared/guest/bzImage';
-const FIXTURE_ELF = '/work/shared/guest/vmlinux';
-const FIXTURE_RD = '/work/shared/guest/spin.cpio';
+// The fixture kernel, found by the one helper (KVMKIT_GUEST_DIR, ../shared/guest, the project's build); '' = none.
+const fixture = findGuestKernel();
+const FIXTURE_BZ = fixture?.bzImage ?? '';
+const FIXTURE_ELF = fixture?.vmlinux ?? '';
+const FIXTURE_RD = fixture?.initrd ?? '';
 describe.skipIf(!existsSync(FIXTURE_BZ) || !existsSync(FIXTURE_ELF) || !existsSync(FIXTURE_RD))('the fixture bzImage, decompressed on the host', () => {
   it('loads by default (auto → host): the PT_LOAD bytes of the fixture vmlinux at their addresses, entry = its e_entry', async () => {
     const logs: LogRecord[] = [];

@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import * as zlib from 'node:zlib';
 import { isKvmkitError } from '@kvmkit/kernel';
 import { xzDecompress, crc32, crc64, bcjX86Decode, isXz, DECOMPRESS_ERROR } from './xz.js';
+import { findGuestKernel } from '@kvmkit/testkit';
 
 let haveXz = true;
 try {
@@ -251,8 +252,10 @@ describe.skipIf(!haveXz)('xz decoder against the xz CLI', () => {
   });
 });
 
-const FIXTURE_BZ = '/work/shared/guest/bzImage';
-const FIXTURE_ELF = '/work/shared/guest/vmlinux';
+// The fixture kernel, found by the one helper (KVMKIT_GUEST_DIR, ../shared/guest, the project's build); '' = none.
+const fixture = findGuestKernel();
+const FIXTURE_BZ = fixture?.bzImage ?? '';
+const FIXTURE_ELF = fixture?.vmlinux ?? '';
 describe.skipIf(!existsSync(FIXTURE_BZ) || !existsSync(FIXTURE_ELF))('the fixture bzImage payload', () => {
   it('decompresses to an ELF whose PT_LOAD bytes equal the fixture vmlinux', () => {
     const bz = readFileSync(FIXTURE_BZ);
