@@ -1,5 +1,5 @@
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, mkdirSync, mkdtempSync, realpathSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, realpathSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -95,6 +95,19 @@ describe('argument parsing', () => {
     expect(exitCodeOf({ reason: 'halt', exitCode: 0 })).toBe(0);
     expect(exitCodeOf({ reason: 'triple-fault', exitCode: 0 })).toBe(1);
     expect(exitCodeOf({ reason: 'error', exitCode: 1 })).toBe(1);
+  });
+});
+
+describe('the kvmkit bin entry', () => {
+  it('is a committed, executable file outside dist/ (npm ci links bins before prepare builds dist/) and runs the CLI', () => {
+    const pkgDir = fileURLToPath(new URL('..', import.meta.url));
+    const pkg = JSON.parse(readFileSync(path.join(pkgDir, 'package.json'), 'utf8')) as { bin: { kvmkit: string } };
+    const bin = path.join(pkgDir, pkg.bin.kvmkit);
+    expect(path.relative(pkgDir, bin).startsWith('dist')).toBe(false);
+    expect(statSync(bin).mode & 0o111).toBe(0o111);
+    const r = spawnSync(process.execPath, [bin, '--version'], { encoding: 'utf8' });
+    expect(r.status).toBe(0);
+    expect(r.stdout).toMatch(/\d+\.\d+\.\d+/);
   });
 });
 
