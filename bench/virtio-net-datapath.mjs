@@ -2,7 +2,7 @@
 // Host-only microbenchmark of the virtio-net data path (no guest, no vCPU): the device (VirtioNet over a
 // VirtioMmioTransport) on mmap'd "guest" RAM, a host-side driver that keeps the rings full, a real TAP in a
 // throwaway network namespace. Measures main-thread time per packet, which is what bounds the VMM's packet rate.
-//   node plugins/virtio-net/bench/datapath.mjs [--count N] [--rounds R] [--sizes 64,1400] [--modes tx,rx]
+//   node bench/virtio-net-datapath.mjs [--count N] [--rounds R] [--sizes 64,1400] [--modes tx,rx]
 //                                           [--plugin-root DIR]
 // tx: the driver refills all 256 TX chains (one 12 + frame descriptor each, like Linux and the probe guest) and
 //     notifies; the frames are UDP datagrams to a socket in the namespace that is bound and never read (the kernel
@@ -22,7 +22,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 
-const root = join(dirname(fileURLToPath(import.meta.url)), '../../..');
+const root = join(dirname(fileURLToPath(import.meta.url)), '..');
 const imp = (p) => import(pathToFileURL(join(root, p)).href);
 const { GuestMemory, ffi, silentLogger } = await imp('packages/kernel/dist/index.js');
 const { VirtioMmioTransport, VirtioTestDriver, VIRTIO_F, bit } = await imp('packages/virtio/dist/index.js');
